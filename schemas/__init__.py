@@ -1,0 +1,1 @@
+"""Plain typed records and configs that flow between stages."""
