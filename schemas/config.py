@@ -32,6 +32,9 @@ class AsrConfig(BaseModel):
     chunk_size: int = Field(30, ge=1, le=30, description="Seconds of merged VAD speech per Whisper window.")
     beam_size: int = Field(5, ge=1)
     threads: int = Field(0, ge=0, description="CPU threads for CTranslate2; 0 = all cores.")
+    language_detection_segments: int = Field(
+        2, ge=1, description="Up to this many 30 s windows of speech (Silero VAD) are tried to detect the language."
+    )
 
 
 class AlignConfig(BaseModel):
@@ -40,7 +43,17 @@ class AlignConfig(BaseModel):
         description="wav2vec2: whisperx.align (CTC forced alignment). whisper: word times from "
         "faster-whisper's cross-attention alignment, for when no trained aligner is at hand.",
     )
-    model: str | None = Field(None, description="wav2vec2 CTC hub id or local dir; None = whisperx's default for the language.")
+    model: str | None = Field(
+        None,
+        description="wav2vec2: CTC hub id or local dir; None = whisperx's default for the language. whisper: a "
+        "faster-whisper model, used only when the ASR model is not handed over.",
+    )
+    batch_size: int = Field(8, ge=1, description="Segments per encoder batch for method=whisper.")
+    nltk_data: str | None = Field(
+        None,
+        description="Dir holding tokenizers/punkt_tab (whisperx.align splits sentences with it); None = nltk's "
+        "search path, and whisperx downloads punkt_tab if it is missing.",
+    )
 
 
 class DiarizeConfig(BaseModel):
@@ -97,9 +110,10 @@ class IngestConfig(BaseModel):
     tokenize: TokenizeConfig = TokenizeConfig()
     shards: ShardConfig = ShardConfig()
     on_error: Literal["raise", "skip"] = Field("skip", description="skip: record a failed recording and go on.")
+    overwrite: bool = Field(False, description="Replace an existing dataset of the same name.")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: object) -> "IngestConfig":
+    def from_yaml(cls, path: str | Path, **overrides: object) -> IngestConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

@@ -71,6 +71,7 @@ class WindowTurn(BaseModel):
     frames: int
     source_speaker: str = ""
     overlap: bool = False
+    tokens: list[int] = Field(default_factory=list, exclude=True)  # ids of f"[{speaker}]{text}"; stored in .text.npy
 
 
 class Window(BaseModel):

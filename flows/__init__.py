@@ -1,0 +1,1 @@
+"""Prefect flows: ingest (audio -> shards) and train (shards -> CSM)."""

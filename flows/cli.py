@@ -1,0 +1,105 @@
+"""`csm-dataprep` command line: ingest, models, train.
+
+Heavy imports stay inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="csm-dataprep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="audio files, folders or globs -> CSM WebDataset shards")
+    p.add_argument("sources", nargs="+", help="audio file, folder or glob")
+    p.add_argument("--out", help="output root (default: config's out)")
+    p.add_argument("--dataset", help="dataset name (default: config's dataset)")
+    p.add_argument("--config", type=Path, help="ingest config YAML (e.g. DIR/config.yaml from `models offline`)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    p.set_defaults(run=_ingest)
+
+    m = sub.add_parser("models", help="model sets")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    off = msub.add_parser("offline", help="assemble the offline model set in DIR and write DIR/config.yaml")
+    off.add_argument("dir", type=Path)
+    off.set_defaults(run=_models_offline)
+    hub = msub.add_parser("hub", help="exit 0 if the model hub is reachable, 1 if not")
+    hub.set_defaults(run=_models_hub)
+
+    t = sub.add_parser("train", help="train CSM on a dataset's shards")
+    t.add_argument("--manifest", required=True, help="manifest.json path or fsspec URI")
+    t.add_argument("--config", type=Path, help="training config YAML (configs/train-*.yaml)")
+    t.set_defaults(run=_train)
+
+    args = parser.parse_args(argv)
+    return args.run(args) or 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import ingest
+    from schemas.config import IngestConfig
+
+    overrides = {"out": args.out, "dataset": args.dataset, "device": args.device,
+                 "overwrite": True if args.overwrite else None}
+    if args.config:
+        cfg = IngestConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = IngestConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+    summary = ingest(sources=args.sources, config=cfg)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ingest summary", show_header=False)
+    table.add_row("recordings", f"{s['recordings']} ({s['recordings_failed']} failed)")
+    table.add_row("hours in", f"{s['hours_in']:.4f} ({s['hours_in'] * 3600:.1f} s)")
+    table.add_row("hours kept", f"{s['hours_kept']:.4f} ({s['hours_kept'] * 3600:.1f} s)")
+    for reason, hours in sorted(s["hours_rejected_by_reason"].items()):
+        table.add_row(f"rejected {reason}", f"{hours * 3600:.1f} s")
+    table.add_row("windows / turns", f"{s['windows']} / {s['turns']}")
+    table.add_row("shards", str(s["shards"]))
+    table.add_row("wall time", f"{s['wall_s']:.1f} s")
+    table.add_row("real-time factor", f"{s['realtime_factor']:.2f}x")
+    for stage, rtf in s["stage_realtime_factor"].items():
+        table.add_row(f"  {stage}", f"{rtf:.1f}x real time")
+    table.add_row("untrained models", ", ".join(s["untrained_models"]) or "none: all weights real")
+    table.add_row("manifest", s["manifest"])
+    Console(stderr=False).print(table)
+
+
+def _models_offline(args: argparse.Namespace) -> int:
+    from schemas.config import IngestConfig
+    from tasks.models import build_offline_set, describe_models
+
+    path = build_offline_set(args.dir)
+    print(json.dumps(describe_models(IngestConfig.from_yaml(path)), indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def _models_hub(args: argparse.Namespace) -> int:
+    from tasks.models import hub_reachable
+
+    ok = hub_reachable()
+    print("reachable" if ok else "unreachable")
+    return 0 if ok else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import cli_train
+
+    return cli_train(args.manifest, args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
