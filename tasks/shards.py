@@ -90,6 +90,9 @@ class DatasetWriter:
                                        maxsize=cfg.max_bytes, post=self._shard_done, verbose=0)
 
     def _shard_done(self, fname: str) -> None:
+        if not self._pending:  # ShardWriter opens a shard before the first sample: drop it if none came
+            Path(fname).unlink(missing_ok=True)
+            return
         name = f"shards/{Path(fname).name}"
         self.shards.append(name)
         self.index.extend({**row, "shard": name} for row in self._pending)

@@ -1,0 +1,64 @@
+"""Decoding of every format ffmpeg reads, downmixed to mono and resampled, with clear errors."""
+
+import numpy as np
+import pytest
+
+from schemas.config import DecodeConfig
+from tasks.decode import DecodeError, decode_recording, recording_id
+from tasks.synth import speak, write_audio
+
+FORMATS = ["wav", "flac", "mp3", "m4a", "opus", "ogg", "mp4", "mkv", "webm"]
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return speak("Decoding test. One two three four five.", "en-us+m3", 160)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_format(tmp_path, speech, fmt) -> None:
+    path = tmp_path / f"speech.{fmt}"
+    write_audio(path, speech, 22_050)
+    audio = decode_recording(path, DecodeConfig())
+    expected = len(speech) / 22_050
+    assert audio.audio16.dtype == np.float32 and audio.audio24.dtype == np.float32
+    assert audio.audio16.ndim == 1 and audio.audio24.ndim == 1
+    # lossy codecs pad a little at the edges; the length must still match to within 0.1 s at each rate
+    assert abs(len(audio.audio16) / 16_000 - expected) < 0.1
+    assert abs(len(audio.audio24) / 24_000 - expected) < 0.1
+    assert abs(audio.duration - len(audio.audio16) / 16_000) < 1e-9
+    assert np.abs(audio.audio16).max() > 0.1  # real signal, not silence
+
+
+def test_stereo_is_downmixed(tmp_path) -> None:
+    import soundfile as sf
+
+    t = np.arange(48_000 * 2) / 48_000
+    left, right = np.sin(2 * np.pi * 440 * t), np.zeros_like(t)
+    sf.write(tmp_path / "stereo.wav", np.stack([left, right], 1).astype(np.float32), 48_000)
+    audio = decode_recording(tmp_path / "stereo.wav", DecodeConfig())
+    assert audio.audio16.ndim == 1 and len(audio.audio16) == 32_000
+    assert 0.4 < np.abs(audio.audio16).max() < 0.75  # both channels mixed (ffmpeg scales by 1/sqrt(2)), not just left
+
+
+def test_undecodable_file_names_file_and_reason(tmp_path) -> None:
+    bad = tmp_path / "notes.wav"
+    bad.write_text("this is not audio")
+    with pytest.raises(DecodeError, match="notes.wav"):
+        decode_recording(bad, DecodeConfig())
+
+
+def test_too_short_is_rejected(tmp_path, speech) -> None:
+    path = tmp_path / "short.wav"
+    write_audio(path, speech[: 22_050 // 2], 22_050)
+    with pytest.raises(DecodeError, match="shorter than min_duration_s"):
+        decode_recording(path, DecodeConfig(min_duration_s=1.0))
+
+
+def test_recording_id_is_content_addressed(tmp_path, speech) -> None:
+    a, b = tmp_path / "ep 1.wav", tmp_path / "copy.of.ep.wav"
+    write_audio(a, speech, 22_050)
+    b.write_bytes(a.read_bytes())
+    ra, rb = recording_id(a), recording_id(b)
+    assert ra.split("-")[-1] == rb.split("-")[-1]
+    assert "." not in ra + rb and " " not in ra

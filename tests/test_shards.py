@@ -1,0 +1,90 @@
+"""Shard writing round trip: WebDataset shards, index, rejects and manifest, read back without pickle."""
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.config import ShardConfig, WindowConfig
+from schemas.records import Reject
+from tasks.shards import DatasetExists, DatasetWriter, sha256_file, window_sample
+from tasks.verify import InvalidDataset, iter_samples, verify_dataset
+from tasks.windows import pack_windows
+from tests.test_windows import random_turns, tokenize
+
+
+def write_dataset(root, n_recordings=3, max_samples=4, seed=0):
+    rng = random.Random(seed)
+    writer = DatasetWriter(root, ShardConfig(max_samples=max_samples))
+    expected = {}
+    for r in range(n_recordings):
+        turns = random_turns(rng, 30)
+        windows, _ = pack_windows(f"rec{r}-abc", f"file:///rec{r}.wav", turns, tokenize, WindowConfig(max_positions=512))
+        codes = np.random.default_rng(r).integers(0, 2048, (int(turns[-1].end * 12.5) + 2, 32))
+        for w in windows:
+            sample = window_sample(w, codes)
+            expected[w.key] = sample
+            writer.write(w, sample)
+        writer.reject([Reject(recording_id=f"rec{r}-abc", source="s", stage="quality", level="turn",
+                              reason="too short", rule="too_short", seconds=0.2)])
+    manifest = writer.publish({"dataset": "t", "config": {"windows": {"max_positions": 512}}})
+    return manifest, expected
+
+
+def test_round_trip(tmp_path) -> None:
+    root = tmp_path / "ds"
+    manifest, expected = write_dataset(root)
+    assert len(manifest["shards"]) == -(-len(expected) // 4)  # max_samples=4 per shard
+    assert verify_dataset(root) == {"shards": len(manifest["shards"]), "samples": len(expected)}
+    # the layout of contract v1, and nothing half-written left behind
+    assert sorted(p.name for p in root.iterdir()) == ["index.parquet", "manifest.json", "rejects.parquet", "shards"]
+    assert all(p.name.startswith("shard-") and p.suffix == ".tar" for p in (root / "shards").iterdir())
+    got = {s["__key__"]: s for s in iter_samples([str(root / e["path"]) for e in manifest["shards"]])}
+    assert got.keys() == expected.keys()
+    for key, s in got.items():
+        np.testing.assert_array_equal(s["codes"], expected[key]["codes.npy"])
+        np.testing.assert_array_equal(s["text"], expected[key]["text.npy"])
+        assert s["json"]["n_positions"] == expected[key]["json"]["n_positions"]
+    for e in manifest["shards"]:
+        assert sha256_file(root / e["path"]) == e["sha256"]
+    assert pq.read_table(root / "rejects.parquet").num_rows == 3
+    assert sum(e["samples"] for e in manifest["shards"]) == pq.read_table(root / "index.parquet").num_rows
+
+
+def test_tampered_shard_is_refused(tmp_path) -> None:
+    root = tmp_path / "ds"
+    manifest, _ = write_dataset(root, n_recordings=1)
+    shard = root / manifest["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InvalidDataset, match="sha256"):
+        verify_dataset(root)
+
+
+def test_directory_without_manifest_is_refused(tmp_path) -> None:
+    root = tmp_path / "ds"
+    write_dataset(root, n_recordings=1)
+    (root / "manifest.json").unlink()
+    with pytest.raises(InvalidDataset, match="no manifest.json"):
+        verify_dataset(root)
+
+
+def test_existing_dataset_is_not_overwritten_unless_asked(tmp_path) -> None:
+    root = tmp_path / "ds"
+    write_dataset(root, n_recordings=1)
+    with pytest.raises(DatasetExists):
+        DatasetWriter(root, ShardConfig())
+    w = DatasetWriter(root, ShardConfig(), overwrite=True)
+    manifest = w.publish({"dataset": "t"})
+    assert manifest["shards"] == [] and not any((root / "shards").iterdir())
+    assert json.loads((root / "manifest.json").read_text())["index"]["rows"] == 0
+
+
+def test_abort_leaves_nothing(tmp_path) -> None:
+    root = tmp_path / "ds"
+    w = DatasetWriter(root, ShardConfig())
+    w.abort()
+    assert list(root.iterdir()) == []
