@@ -61,13 +61,14 @@ def print_summary(s: dict) -> None:
     from rich.table import Table
 
     table = Table(title="ingest summary", show_header=False)
-    table.add_row("recordings", f"{s['recordings']} ({s['recordings_failed']} failed)")
+    table.add_row("recordings", f"{s['recordings']} ({s['recordings_failed']} failed, "
+                  f"{s['recordings_skipped']} already in the dataset)")
     table.add_row("hours in", f"{s['hours_in']:.4f} ({s['hours_in'] * 3600:.1f} s)")
     table.add_row("hours kept", f"{s['hours_kept']:.4f} ({s['hours_kept'] * 3600:.1f} s)")
     for reason, hours in sorted(s["hours_rejected_by_reason"].items()):
         table.add_row(f"rejected {reason}", f"{hours * 3600:.1f} s")
     table.add_row("windows / turns", f"{s['windows']} / {s['turns']}")
-    table.add_row("shards", str(s["shards"]))
+    table.add_row("shards", f"{s['shards']} new, {s['dataset_shards']} in the dataset")
     table.add_row("wall time", f"{s['wall_s']:.1f} s")
     table.add_row("real-time factor", f"{s['realtime_factor']:.2f}x")
     for stage, rtf in s["stage_realtime_factor"].items():

@@ -6,9 +6,7 @@ gate -> windows -> Mimi + text tokens -> shards. Each stage is a thin task over 
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,13 +17,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.config import IngestConfig, resolve_device
-from schemas.records import Reject, Transcript, Turn, Window
+from schemas.records import Reject, Source, Transcript, Turn, Window
 from tasks import decode as decode_mod
 from tasks import quality, shards, turns, windows
 from tasks.models import Models, describe_models, load_models, untrained
+from tasks.sources import expand_local
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".opus", ".ogg", ".oga", ".webm", ".mp4", ".mkv",
-                  ".mov", ".wma", ".aif", ".aiff", ".mka"}
 # Arrays pass between tasks in memory: no hashing, no result persistence.
 stage = task(cache_policy=NO_CACHE, persist_result=False)
 
@@ -86,20 +83,29 @@ def tokenize_audio(audio24: Any, models: Models) -> Any:
 @dataclass
 class RecordingResult:
     recording_id: str
-    source: str
+    source: Source
     duration: float = 0.0
     windows: list[Window] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     language: str | None = None
+    failed: bool = False
+
+    def row(self) -> dict[str, Any]:
+        """Its row in recordings.parquet."""
+        status = "failed" if self.failed else ("kept" if self.windows else "rejected")
+        return {"recording_id": self.recording_id, "source": self.source.uri, "status": status,
+                "duration": self.duration, "windows": len(self.windows), "language": self.language,
+                "ingested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **{k: self.source.meta.get(k) for k in shards.SOURCE_META}}
 
 
-def process_recording(path: str, models: Models) -> RecordingResult:
+def process_recording(item: Source, models: Models, rec_id: str | None = None) -> RecordingResult:
     """All stages for one file. A failure becomes a recording-level reject naming the stage and reason."""
     cfg = models.cfg
-    source = Path(path).resolve().as_uri()
-    result = RecordingResult(recording_id=_safe_id(path), source=source)
+    path, source = item.path, item.uri
+    result = RecordingResult(recording_id=rec_id or _safe_id(path), source=item)
     current = "decode"
     try:
         t = time.perf_counter()
@@ -110,7 +116,6 @@ def process_recording(path: str, models: Models) -> RecordingResult:
             result.seconds[current] = now - t
             t, current = now, name
 
-        result.recording_id = decode_mod.recording_id(path)
         audio = decode_audio(path, cfg)
         result.duration = audio.duration
         lap("asr")
@@ -127,14 +132,14 @@ def process_recording(path: str, models: Models) -> RecordingResult:
         if packed:
             codes = tokenize_audio(audio.audio24, models)
             for w in packed:
-                w.extra["language"] = transcript.language
+                w.extra.update(language=transcript.language, source_meta=item.meta)
                 result.samples.append(shards.window_sample(w, codes, cfg.windows.frame_rate))
             result.windows = packed
         lap("done")
     except Exception as exc:  # noqa: BLE001 - recorded, per the error policy
         if cfg.on_error == "raise":
             raise
-        result.windows, result.samples = [], []
+        result.windows, result.samples, result.failed = [], [], True
         result.rejects = [Reject(recording_id=result.recording_id, source=source, stage=current, level="recording",
                                  reason=f"{path}: {type(exc).__name__}: {exc}", rule="error",
                                  seconds=result.duration)]
@@ -143,36 +148,50 @@ def process_recording(path: str, models: Models) -> RecordingResult:
 
 @flow(name="ingest", log_prints=True)
 def ingest(sources: list[str], config: IngestConfig | None = None) -> dict[str, Any]:
-    """Ingest audio files, folders or globs into the dataset `<config.out>/<config.dataset>/`."""
+    """Ingest audio files, folders or globs into the dataset `<config.out>/<config.dataset>/`.
+
+    The dataset grows across runs: a recording already in it (same content) is skipped.
+    """
     cfg = config or IngestConfig()
+    items = expand_local(sources)
+    if not items:
+        raise ValueError(f"no audio files found in {sources}")
+    return ingest_sources(items, cfg)
+
+
+def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
+    """The body of every ingest flow, once its sources are local files."""
     logger = get_run_logger()
     started = time.perf_counter()
-    files = expand_sources(sources)
-    if not files:
-        raise ValueError(f"no audio files found in {sources}")
     device = resolve_device(cfg.device)
     model_info = describe_models(cfg)
-    logger.info("ingest %d files into %s/%s on %s", len(files), cfg.out, cfg.dataset, device)
+    logger.info("ingest %d files into %s/%s on %s", len(items), cfg.out, cfg.dataset, device)
     for name, info in model_info.items():
         logger.info("model %-22s %s [%s]", name, info.get("name"), info.get("weights"))
     if untrained(model_info):
-        logger.warning("untrained (random) weights: %s: their outputs are not meaningful", ", ".join(untrained(model_info)))
-    models = load_models(cfg, device)
+        logger.warning("untrained (random) weights: %s: their outputs are not meaningful",
+                       ", ".join(untrained(model_info)))
     writer = shards.DatasetWriter(Path(cfg.out) / cfg.dataset, cfg.shards, overwrite=cfg.overwrite)
     results: list[RecordingResult] = []
+    skipped = 0
     try:
+        models = load_models(cfg, device)
         from tqdm import tqdm
 
-        for path in tqdm(files, desc="recordings", unit="file", disable=None):
-            r = process_recording(path, models)
+        for item in tqdm(items, desc="recordings", unit="file", disable=None):
+            rec_id = _content_id(item.path)
+            if writer.seen(rec_id) or writer.seen(item.meta.get("guid", "")):
+                skipped += 1
+                logger.info("%s: already in the dataset, skipped", item.uri)
+                continue
+            r = process_recording(item, models, rec_id)
             for window, sample in zip(r.windows, r.samples, strict=True):
                 writer.write(window, sample)
-            writer.reject(r.rejects)
+            writer.add_recording(r.row(), r.rejects)
             r.samples = []  # written: free the codes
             results.append(r)
-            logger.info("%s: %.1f s, %d windows, %d rejects", path, r.duration, len(r.windows), len(r.rejects))
-        wall = time.perf_counter() - started
-        summary = summarize(results, writer, wall)
+            logger.info("%s: %.1f s, %d windows, %d rejects", item.uri, r.duration, len(r.windows), len(r.rejects))
+        summary = summarize(results, writer, time.perf_counter() - started, skipped)
         manifest = writer.publish({
             "dataset": cfg.dataset,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -180,18 +199,21 @@ def ingest(sources: list[str], config: IngestConfig | None = None) -> dict[str, 
             "models": model_info,
             "untrained_models": untrained(model_info),
             "device": device,
-            "counts": summary,
+            "counts_this_run": summary,
         })
     except BaseException:
         writer.abort()
         raise
-    summary["shards"] = len(manifest["shards"])
+    summary["shards"] = len(manifest["new_shards"])
+    summary["dataset_shards"] = len(manifest["shards"])
     summary["manifest"] = str((Path(cfg.out) / cfg.dataset / "manifest.json").resolve())
     summary["untrained_models"] = manifest["untrained_models"]
     return summary
 
 
-def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall: float) -> dict[str, Any]:
+def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall: float,
+              skipped: int) -> dict[str, Any]:
+    """This run's figures (the manifest's `counts` are the whole dataset's)."""
     by_reason: dict[str, float] = defaultdict(float)
     for r in writer.rejects:
         by_reason[f"{r.stage}:{r.rule or 'error'}"] += r.seconds / 3600
@@ -200,12 +222,12 @@ def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall
         for k, v in r.seconds.items():
             stage_s[k] += v
     seconds_in = sum(r.duration for r in results)
-    seconds_kept = sum(w.duration for r in results for w in r.windows)
     return {
         "recordings": len(results),
-        "recordings_failed": sum(1 for r in results if any(x.level == "recording" for x in r.rejects)),
+        "recordings_skipped": skipped,
+        "recordings_failed": sum(1 for r in results if r.failed),
         "hours_in": seconds_in / 3600,
-        "hours_kept": seconds_kept / 3600,
+        "hours_kept": sum(w.duration for r in results for w in r.windows) / 3600,
         "hours_rejected_by_reason": dict(by_reason),
         "windows": len(writer.index),
         "turns": sum(len(w.turns) for r in results for w in r.windows),
@@ -216,18 +238,11 @@ def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall
     }
 
 
-def expand_sources(sources: list[str]) -> list[str]:
-    """Files as given; folders walked for audio/video files; globs expanded. Sorted, without duplicates."""
-    found: list[str] = []
-    for src in sources:
-        p = Path(src)
-        if p.is_dir():
-            found += [str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES]
-        elif p.exists():
-            found.append(str(p))
-        else:
-            found += [f for f in sorted(glob.glob(src, recursive=True)) if os.path.isfile(f)]
-    return list(dict.fromkeys(found))
+def _content_id(path: str) -> str:
+    try:
+        return decode_mod.recording_id(path)
+    except OSError:  # unreadable: decode will say why, under a name-based id
+        return _safe_id(path)
 
 
 def _safe_id(path: str) -> str:

@@ -7,6 +7,15 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class Source(BaseModel):
+    """One input recording: where it came from (`uri`), where its bytes are now (`path`), and what is known
+    about it (podcast feed, title, published, GUID, URL)."""
+
+    uri: str
+    path: str
+    meta: dict[str, str] = Field(default_factory=dict)
+
+
 class Word(BaseModel):
     text: str
     start: float

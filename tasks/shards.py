@@ -1,6 +1,7 @@
 """WebDataset shards, the Parquet index and rejects, and the manifest: the dataset's contract (v1).
 
-Layout: <out>/<dataset>/shards/shard-NNNNNN.tar, index.parquet, rejects.parquet, manifest.json.
+Layout: <out>/<dataset>/shards/shard-NNNNNN.tar, index.parquet, rejects.parquet, recordings.parquet,
+manifest.json.
 Shards are written into a staging folder and renamed into place when the run finishes; the manifest is
 written last, so a reader never sees a half-written dataset. See docs/dataset-format.md.
 """
@@ -25,6 +26,7 @@ from schemas.records import Reject, Window
 
 SCHEMA_VERSION = 1
 NUM_CODEBOOKS = 32
+SOURCE_META = ("feed", "title", "published", "guid", "url")  # a podcast episode's metadata, where known
 
 
 def window_sample(window: Window, codes: np.ndarray, frame_rate: float = 12.5) -> dict[str, Any]:
@@ -63,31 +65,60 @@ def index_row(window: Window, shard: str) -> dict[str, Any]:
         "end": window.turns[-1].end,
         "text_tokens": sum(t.text_tokens for t in window.turns),
         "frames": sum(t.frames for t in window.turns),
+        **{f: window.extra.get("source_meta", {}).get(f) for f in SOURCE_META},
     }
 
 
 class DatasetExists(Exception):
-    """The dataset directory already holds a manifest and overwrite was not asked for."""
+    """Another run holds the dataset's lock."""
 
 
 class DatasetWriter:
-    """Writes samples into staging shards as they come; `publish` moves everything into place."""
+    """Writes samples into staging shards as they come; `publish` moves everything into place.
+
+    A dataset grows across runs: new shards are numbered after the existing ones, and the index, rejects and
+    recordings tables are extended, so a second run over the same sources adds nothing (`seen`). With
+    `overwrite` the old dataset is replaced instead. A lock file keeps two runs from writing at once.
+    """
 
     def __init__(self, dataset_dir: str | Path, cfg: ShardConfig, overwrite: bool = False) -> None:
+        import fcntl
+
         import webdataset as wds
 
         self.dir = Path(dataset_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / ".lock", "w")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise DatasetExists(f"{self.dir}: another ingest run is writing this dataset") from None
+        self.overwrite = overwrite
+        self.previous: dict[str, Any] = {"shards": [], "index": [], "rejects": [], "recordings": [], "runs": []}
         if (self.dir / "manifest.json").exists() and not overwrite:
-            raise DatasetExists(f"{self.dir}: a dataset is already there (manifest.json); pass overwrite "
-                                "or choose another dataset name")
+            manifest = json.loads((self.dir / "manifest.json").read_text())
+            self.previous = {
+                "shards": manifest["shards"], "runs": manifest.get("runs", []),
+                **{t: _read_parquet(self.dir / f"{t}.parquet") for t in ("index", "rejects", "recordings")},
+            }
+        numbers = [int(Path(e["path"]).stem.split("-")[-1]) for e in self.previous["shards"]]
         self.staging = self.dir / f".staging-{os.getpid()}-{int(time.time())}"
         (self.staging / "shards").mkdir(parents=True)
         self._pending: list[dict[str, Any]] = []  # index rows of the shard being written
         self.index: list[dict[str, Any]] = []
         self.rejects: list[Reject] = []
+        self.recordings: list[dict[str, Any]] = []
         self.shards: list[str] = []
+        self._seen = {r["recording_id"] for r in self.previous["recordings"]} | {
+            r["guid"] for r in self.previous["recordings"] if r.get("guid")}
         self._writer = wds.ShardWriter(str(self.staging / "shards" / "shard-%06d.tar"), maxcount=cfg.max_samples,
-                                       maxsize=cfg.max_bytes, post=self._shard_done, verbose=0)
+                                       maxsize=cfg.max_bytes, post=self._shard_done, verbose=0,
+                                       start_shard=max(numbers, default=-1) + 1)
+
+    def seen(self, key: str) -> bool:
+        """Was this recording id (content hash) or episode GUID ingested by an earlier run or this one?"""
+        return key in self._seen
 
     def _shard_done(self, fname: str) -> None:
         if not self._pending:  # ShardWriter opens a shard before the first sample: drop it if none came
@@ -102,34 +133,46 @@ class DatasetWriter:
         self._writer.write(sample)
         self._pending.append(index_row(window, ""))
 
-    def reject(self, rejects: list[Reject]) -> None:
+    def add_recording(self, row: dict[str, Any], rejects: list[Reject]) -> None:
+        """Record one processed recording (kept or not) and its rejects."""
+        self.recordings.append(row)
         self.rejects.extend(rejects)
+        self._seen.update(v for v in (row["recording_id"], row.get("guid")) if v)
 
     def publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Close the last shard, hash everything, move shards, index and rejects into place, then the manifest."""
+        """Close the last shard, hash the new ones, move them, the tables, and last the manifest into place."""
         self._writer.close()
-        shards_dir = self.dir / "shards"
-        if shards_dir.exists():  # an overwritten dataset: its old shards go
-            shutil.rmtree(shards_dir)
         entries = []
         for name in self.shards:
             path = self.staging / name
             n = sum(1 for row in self.index if row["shard"] == name)
             entries.append({"path": name, "sha256": sha256_file(path), "samples": n, "bytes": path.stat().st_size})
-        os.replace(self.staging / "shards", shards_dir)
-        _write_parquet(self.index, INDEX_SCHEMA, self.dir / "index.parquet")
-        _write_parquet([r.model_dump() for r in self.rejects], REJECT_SCHEMA, self.dir / "rejects.parquet")
+        shards_dir = self.dir / "shards"
+        if self.overwrite:  # without its manifest the old dataset is no longer a dataset to any reader
+            (self.dir / "manifest.json").unlink(missing_ok=True)
+            shutil.rmtree(shards_dir, ignore_errors=True)
+        shards_dir.mkdir(exist_ok=True)
+        for name in self.shards:
+            os.replace(self.staging / name, self.dir / name)
+        index = self.previous["index"] + self.index
+        rejects = self.previous["rejects"] + [r.model_dump() for r in self.rejects]
+        recordings = self.previous["recordings"] + self.recordings
+        _write_parquet(index, INDEX_SCHEMA, self.dir / "index.parquet")
+        _write_parquet(rejects, REJECT_SCHEMA, self.dir / "rejects.parquet")
+        _write_parquet(recordings, RECORDING_SCHEMA, self.dir / "recordings.parquet")
+        run = {k: v for k, v in manifest.items() if k in ("created", "counts_this_run")}
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            **manifest,
-            "shards": entries,
-            "index": {"path": "index.parquet", "sha256": sha256_file(self.dir / "index.parquet"),
-                      "rows": len(self.index)},
-            "rejects": {"path": "rejects.parquet", "sha256": sha256_file(self.dir / "rejects.parquet"),
-                        "rows": len(self.rejects)},
+            **{k: v for k, v in manifest.items() if k != "counts_this_run"},
+            "counts": dataset_counts(index, rejects, recordings),
+            "shards": self.previous["shards"] + entries,
+            "new_shards": [e["path"] for e in entries],
+            "runs": self.previous["runs"] + [run],
+            **{t: {"path": f"{t}.parquet", "sha256": sha256_file(self.dir / f"{t}.parquet"), "rows": len(rows)}
+               for t, rows in (("index", index), ("rejects", rejects), ("recordings", recordings))},
         }
         write_json_atomic(self.dir / "manifest.json", manifest)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.close()
         return manifest
 
     def abort(self) -> None:
@@ -137,20 +180,51 @@ class DatasetWriter:
         try:
             self._writer.close()
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.close()
+
+
+def dataset_counts(index: list[dict], rejects: list[dict], recordings: list[dict]) -> dict[str, Any]:
+    """The dataset's totals, from its tables (so they stay right as runs add to it)."""
+    by_reason: dict[str, float] = {}
+    for r in rejects:
+        key = f"{r['stage']}:{r['rule'] or 'error'}"
+        by_reason[key] = by_reason.get(key, 0.0) + (r["seconds"] or 0.0) / 3600
+    return {
+        "recordings": len(recordings),
+        "recordings_failed": sum(1 for r in recordings if r["status"] == "failed"),
+        "hours_in": sum(r["duration"] or 0.0 for r in recordings) / 3600,
+        "hours_kept": sum(r["duration"] for r in index) / 3600,
+        "hours_rejected_by_reason": by_reason,
+        "windows": len(index),
+        "turns": sum(r["n_turns"] for r in index),
+        "rejects": len(rejects),
+    }
 
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("recording_id", pa.string()), ("window", pa.int32()), ("shard", pa.string()),
     ("source", pa.string()), ("n_positions", pa.int32()), ("n_turns", pa.int32()), ("n_speakers", pa.int32()),
     ("duration", pa.float64()), ("start", pa.float64()), ("end", pa.float64()), ("text_tokens", pa.int32()),
-    ("frames", pa.int32()),
+    ("frames", pa.int32()), *[(f, pa.string()) for f in SOURCE_META],
 ])
 REJECT_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("level", pa.string()),
     ("reason", pa.string()), ("rule", pa.string()), ("value", pa.float64()), ("threshold", pa.float64()),
     ("start", pa.float64()), ("end", pa.float64()), ("seconds", pa.float64()),
 ])
+RECORDING_SCHEMA = pa.schema([
+    ("recording_id", pa.string()), ("source", pa.string()), ("status", pa.string()), ("duration", pa.float64()),
+    ("windows", pa.int32()), ("language", pa.string()), ("guid", pa.string()), ("feed", pa.string()),
+    ("title", pa.string()), ("published", pa.string()), ("url", pa.string()), ("ingested", pa.string()),
+])
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist() if path.exists() else []
 
 
 def _write_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:

@@ -27,8 +27,10 @@ def write_dataset(root, n_recordings=3, max_samples=4, seed=0):
             sample = window_sample(w, codes)
             expected[w.key] = sample
             writer.write(w, sample)
-        writer.reject([Reject(recording_id=f"rec{r}-abc", source="s", stage="quality", level="turn",
-                              reason="too short", rule="too_short", seconds=0.2)])
+        row = {"recording_id": f"rec{r}-abc", "source": f"file:///rec{r}.wav", "status": "kept",
+               "duration": turns[-1].end, "windows": len(windows)}
+        writer.add_recording(row, [Reject(recording_id=f"rec{r}-abc", source="s", stage="quality", level="turn",
+                                          reason="too short", rule="too_short", seconds=0.2)])
     manifest = writer.publish({"dataset": "t", "config": {"windows": {"max_positions": 512}}})
     return manifest, expected
 
@@ -39,7 +41,7 @@ def test_round_trip(tmp_path) -> None:
     assert len(manifest["shards"]) == -(-len(expected) // 4)  # max_samples=4 per shard
     assert verify_dataset(root) == {"shards": len(manifest["shards"]), "samples": len(expected)}
     # the layout of contract v1, and nothing half-written left behind
-    assert sorted(p.name for p in root.iterdir()) == ["index.parquet", "manifest.json", "rejects.parquet", "shards"]
+    assert sorted(p.name for p in root.iterdir() if p.name != ".lock") == ["index.parquet", "manifest.json", "recordings.parquet", "rejects.parquet", "shards"]
     assert all(p.name.startswith("shard-") and p.suffix == ".tar" for p in (root / "shards").iterdir())
     got = {s["__key__"]: s for s in iter_samples([str(root / e["path"]) for e in manifest["shards"]])}
     assert got.keys() == expected.keys()
@@ -72,11 +74,39 @@ def test_directory_without_manifest_is_refused(tmp_path) -> None:
         verify_dataset(root)
 
 
-def test_existing_dataset_is_not_overwritten_unless_asked(tmp_path) -> None:
+def test_second_run_appends_and_knows_what_it_has(tmp_path) -> None:
+    root = tmp_path / "ds"
+    first, expected = write_dataset(root, n_recordings=2)
+    w = DatasetWriter(root, ShardConfig(max_samples=4))
+    assert w.seen("rec0-abc") and w.seen("rec1-abc") and not w.seen("rec9-abc")
+    turns = random_turns(random.Random(9), 20)
+    windows, _ = pack_windows("rec9-abc", "file:///rec9.wav", turns, tokenize, WindowConfig(max_positions=512))
+    codes = np.zeros((int(turns[-1].end * 12.5) + 2, 32), dtype=np.int16)
+    for win in windows:
+        w.write(win, window_sample(win, codes))
+    w.add_recording({"recording_id": "rec9-abc", "source": "s", "status": "kept", "duration": 1.0,
+                     "windows": len(windows)}, [])
+    second = w.publish({"dataset": "t"})
+    # old shards untouched, new ones numbered after them
+    assert second["shards"][: len(first["shards"])] == first["shards"]
+    numbers = [int(e["path"][-10:-4]) for e in second["shards"]]
+    assert numbers == list(range(len(numbers)))
+    assert second["counts"]["windows"] == len(expected) + len(windows)
+    assert second["counts"]["recordings"] == 3 and len(second["runs"]) == 2
+    assert verify_dataset(root)["samples"] == len(expected) + len(windows)
+
+
+def test_concurrent_writer_is_refused(tmp_path) -> None:
+    w = DatasetWriter(tmp_path / "ds", ShardConfig())
+    with pytest.raises(DatasetExists, match="another ingest run"):
+        DatasetWriter(tmp_path / "ds", ShardConfig())
+    w.abort()
+    DatasetWriter(tmp_path / "ds", ShardConfig()).abort()  # the lock is released
+
+
+def test_overwrite_replaces_the_dataset(tmp_path) -> None:
     root = tmp_path / "ds"
     write_dataset(root, n_recordings=1)
-    with pytest.raises(DatasetExists):
-        DatasetWriter(root, ShardConfig())
     w = DatasetWriter(root, ShardConfig(), overwrite=True)
     manifest = w.publish({"dataset": "t"})
     assert manifest["shards"] == [] and not any((root / "shards").iterdir())
@@ -87,4 +117,4 @@ def test_abort_leaves_nothing(tmp_path) -> None:
     root = tmp_path / "ds"
     w = DatasetWriter(root, ShardConfig())
     w.abort()
-    assert list(root.iterdir()) == []
+    assert [p.name for p in root.iterdir()] == [".lock"]
