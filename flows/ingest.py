@@ -43,6 +43,8 @@ def transcribe(audio16: Any, models: Models) -> Transcript:
 def align(audio16: Any, transcript: Transcript, models: Models) -> Transcript:
     from tasks.asr import align as run
 
+    if not transcript.segments:  # nothing heard: no aligner to load (the detected language may be junk)
+        return transcript
     return run(audio16, transcript, models.aligner(transcript.language), models.cfg.align, models.device)
 
 

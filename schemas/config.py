@@ -64,6 +64,16 @@ class DiarizeConfig(BaseModel):
     segmentation: str | None = Field(None, description="Local pyannote segmentation model; builds the pipeline from parts.")
     embedding: str | None = Field(None, description="Speaker embedding for a pipeline built from parts.")
     clustering_threshold: float = Field(0.7, description="Agglomerative clustering threshold (pipeline built from parts).")
+    clustering_method: Literal["average", "centroid", "complete", "median", "single", "ward", "weighted"] = Field(
+        "centroid", description="Agglomerative linkage (pipeline built from parts)."
+    )
+    min_cluster_size: int = Field(15, ge=1, le=20, description="Smaller clusters merge into the nearest large one.")
+    segmentation_threshold: float = Field(0.4442, gt=0, lt=1, description="Speech onset for multilabel segmentation models.")
+    min_duration_off: float = Field(0.0, ge=0, description="Pauses shorter than this inside one speaker's speech are filled.")
+    segmentation_step: float = Field(0.1, gt=0, le=1, description="Segmentation window step, as a ratio of its duration.")
+    embedding_exclude_overlap: bool = Field(True, description="Embed each local speaker without overlapped frames.")
+    embedding_batch_size: int = Field(32, ge=1)
+    segmentation_batch_size: int = Field(32, ge=1)
     min_speakers: int | None = Field(None, ge=1)
     max_speakers: int | None = Field(None, ge=1)
 
@@ -89,6 +99,12 @@ class TokenizeConfig(BaseModel):
     text: str = Field("sesame/csm-1b", description="CSM text tokenizer (Llama-3) hub id or local dir (gated).")
     num_codebooks: int = Field(32, ge=1, le=32)
     chunk_s: float = Field(300.0, gt=0, description="Mimi encodes the recording in chunks this long.")
+    batch_size: int = Field(
+        1,
+        ge=1,
+        description="Mimi chunks encoded per call. Peak memory is about 8 GB per 300 s chunk (float32, "
+        "measured on CPU), so raise it for shorter chunks or a large GPU.",
+    )
 
 
 class ShardConfig(BaseModel):

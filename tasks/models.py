@@ -123,7 +123,7 @@ def build_offline_set(dest: str | Path) -> Path:
     config = {
         # Real Whisper weights, but no trained wav2vec2 aligner ships: word times come from Whisper itself.
         "asr": {"model": asr["asr"], "batch_size": 8},
-        "align": {"method": "whisper", "model": asr["align"]},
+        "align": {"method": "whisper", "model": asr["align"], "nltk_data": asr["nltk_data"]},
         "diarize": {"segmentation": diar["segmentation"], "embedding": diar["embedding"],
                     "min_speakers": 2, "max_speakers": 2},
         "tokenize": {"mimi": mimi, "text": text},
