@@ -79,7 +79,8 @@ def tokenize_audio(audio24: Any, models: Models) -> Any:
     from tokenizer.mimi import encode_audio
 
     cfg = models.cfg.tokenize
-    return encode_audio(audio24, models.mimi, num_codebooks=cfg.num_codebooks, chunk_s=cfg.chunk_s)
+    return encode_audio(audio24, models.mimi, num_codebooks=cfg.num_codebooks, chunk_s=cfg.chunk_s,
+                        batch_size=cfg.batch_size)
 
 
 @dataclass

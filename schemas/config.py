@@ -98,7 +98,9 @@ class TokenizeConfig(BaseModel):
     mimi: str = Field("kyutai/mimi", description="transformers MimiModel hub id or local dir.")
     text: str = Field("sesame/csm-1b", description="CSM text tokenizer (Llama-3) hub id or local dir (gated).")
     num_codebooks: int = Field(32, ge=1, le=32)
-    chunk_s: float = Field(300.0, gt=0, description="Mimi encodes the recording in chunks this long.")
+    chunk_s: float = Field(
+        60.0, gt=0, description="Mimi encodes the recording in chunks this long: memory grows with the chunk "
+        "(about 1.5 GB per 60 s on CPU for kyutai/mimi), not with the recording.")
     batch_size: int = Field(
         1,
         ge=1,
