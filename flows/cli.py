@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The embedded (ephemeral) Prefect server's telemetry heartbeat races the first flow run for the fresh
+    # SQLite file ("database is locked"); it sends nothing we need. Users can turn it back on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = argparse.ArgumentParser(prog="csm-dataprep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -232,7 +232,7 @@ def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall
         "hours_in": seconds_in / 3600,
         "hours_kept": sum(w.duration for r in results for w in r.windows) / 3600,
         "hours_rejected_by_reason": dict(by_reason),
-        "windows": len(writer.index),
+        "windows": sum(len(r.windows) for r in results),
         "turns": sum(len(w.turns) for r in results for w in r.windows),
         "rejects": len(writer.rejects),
         "wall_s": wall,
