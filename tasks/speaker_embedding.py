@@ -46,8 +46,17 @@ class GE2EEmbedding(Model):
     ):
         super().__init__(sample_rate=sample_rate, num_channels=num_channels, task=task)
         self.save_hyperparameters(
-            "sample_rate", "num_channels", "n_fft", "hop_length", "n_mels", "hidden_size", "num_layers",
-            "embedding_size", "partial_frames", "partial_step", "target_dbfs",
+            "sample_rate",
+            "num_channels",
+            "n_fft",
+            "hop_length",
+            "n_mels",
+            "hidden_size",
+            "num_layers",
+            "embedding_size",
+            "partial_frames",
+            "partial_step",
+            "target_dbfs",
         )
         if task is None:  # a checkpoint needs specifications; this model is never trained here
             self.specifications = Specifications(
@@ -68,8 +77,13 @@ class GE2EEmbedding(Model):
     def mel(self, waveforms: torch.Tensor) -> torch.Tensor:
         """(batch, samples) -> (batch, frames, n_mels) linear power mel, as resemblyzer.audio.wav_to_mel_spectrogram."""
         spec = torch.stft(
-            waveforms, n_fft=self.hparams.n_fft, hop_length=self.hparams.hop_length, window=self.window,
-            center=True, pad_mode="constant", return_complex=True,
+            waveforms,
+            n_fft=self.hparams.n_fft,
+            hop_length=self.hparams.hop_length,
+            window=self.window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
         )
         return torch.matmul(self.mel_basis, spec.abs() ** 2).transpose(1, 2)
 
@@ -135,8 +149,13 @@ def _slaney_mel_basis(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor
     import torchaudio
 
     fb = torchaudio.functional.melscale_fbanks(
-        n_freqs=n_fft // 2 + 1, f_min=0.0, f_max=sample_rate / 2, n_mels=n_mels, sample_rate=sample_rate,
-        norm="slaney", mel_scale="slaney",
+        n_freqs=n_fft // 2 + 1,
+        f_min=0.0,
+        f_max=sample_rate / 2,
+        n_mels=n_mels,
+        sample_rate=sample_rate,
+        norm="slaney",
+        mel_scale="slaney",
     )
     return fb.T.contiguous()
 
