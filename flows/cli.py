@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     p.set_defaults(run=_ingest)
 
+    v = sub.add_parser("verify", help="check a dataset's shards against its manifest and the sample contract")
+    v.add_argument("dataset_dir", type=Path)
+    v.set_defaults(run=_verify)
+
     m = sub.add_parser("models", help="model sets")
     msub = m.add_subparsers(dest="models_command", required=True)
     off = msub.add_parser("offline", help="assemble the offline model set in DIR and write DIR/config.yaml")
@@ -80,6 +84,18 @@ def print_summary(s: dict) -> None:
     table.add_row("untrained models", ", ".join(s["untrained_models"]) or "none: all weights real")
     table.add_row("manifest", s["manifest"])
     Console(stderr=False).print(table)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from tasks.verify import InvalidDataset, verify_dataset
+
+    try:
+        counts = verify_dataset(args.dataset_dir)
+    except InvalidDataset as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK: {counts['samples']} samples in {counts['shards']} shards match the manifest and contract v1")
+    return 0
 
 
 def _models_offline(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ gate -> windows -> Mimi + text tokens -> shards. Each stage is a thin task over 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
@@ -15,13 +16,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
 from schemas.config import IngestConfig, resolve_device
-from schemas.records import Reject, Source, Transcript, Turn, Window
+from schemas.records import Reject, Source, SpeakerSegment, Transcript, Turn, Window
 from tasks import decode as decode_mod
 from tasks import quality, shards, turns, windows
+from tasks.cache import StageCache
+from tasks.diarize import assign_speakers, overlap_regions
 from tasks.models import Models, describe_models, load_models, untrained
-from tasks.sources import expand_local
+from tasks.sources import FetchConfig
+
+CONFIG_ENV = "CSM_INGEST_CONFIG"  # an ingest config YAML: the default of runs that pass no `config`
 
 # Arrays pass between tasks in memory: no hashing, no result persistence.
 stage = task(cache_policy=NO_CACHE, persist_result=False)
@@ -48,13 +54,15 @@ def align(audio16: Any, transcript: Transcript, models: Models) -> Transcript:
     return run(audio16, transcript, models.aligner(transcript.language), models.cfg.align, models.device)
 
 
+class Diarization(BaseModel):
+    segments: list[SpeakerSegment]
+
+
 @stage
-def diarize(audio16: Any, transcript: Transcript, models: Models) -> tuple[Transcript, list[tuple[float, float]]]:
-    from tasks.diarize import assign_speakers, overlap_regions
+def diarize(audio16: Any, models: Models) -> Diarization:
     from tasks.diarize import diarize as run
 
-    segments = run(audio16, models.diarizer, models.cfg.diarize)
-    return assign_speakers(transcript, segments), overlap_regions(segments)
+    return Diarization(segments=run(audio16, models.diarizer, models.cfg.diarize))
 
 
 @stage
@@ -104,11 +112,24 @@ class RecordingResult:
                 **{k: self.source.meta.get(k) for k in shards.SOURCE_META}}
 
 
-def process_recording(item: Source, models: Models, rec_id: str | None = None) -> RecordingResult:
-    """All stages for one file. A failure becomes a recording-level reject naming the stage and reason."""
+def process_recording(item: Source, models: Models, rec_id: str | None = None,
+                      cache: StageCache | None = None) -> RecordingResult:
+    """All stages for one file. A failure becomes a recording-level reject naming the stage and reason.
+
+    Model stages go through `cache` (keyed by content, stage config and models), so a rerun after a crash
+    redoes only what had not finished.
+    """
     cfg = models.cfg
+    cache = cache or StageCache(None)
     path, source = item.path, item.uri
     result = RecordingResult(recording_id=rec_id or _safe_id(path), source=item)
+    rid = result.recording_id
+    info = describe_models(cfg)
+    asr_key = [cfg.decode.asr_sample_rate, cfg.asr.model_dump(), info["asr"]]
+
+    def retried(t: Any) -> Any:  # model stages may fail transiently (GPU OOM, a flaky mount): retry, then record
+        return t.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s)
+
     current = "decode"
     try:
         t = time.perf_counter()
@@ -122,18 +143,24 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None) -
         audio = decode_audio(path, cfg)
         result.duration = audio.duration
         lap("asr")
-        transcript = transcribe(audio.audio16, models)
+        transcript = cache.record("asr", rid, asr_key, lambda: retried(transcribe)(audio.audio16, models), Transcript)
         result.language = transcript.language
         lap("align")
-        transcript = align(audio.audio16, transcript, models)
+        transcript = cache.record("align", rid, [asr_key, cfg.align.model_dump(), info["align"]],
+                                  lambda: retried(align)(audio.audio16, transcript, models), Transcript)
         lap("diarize")
-        transcript, overlaps = diarize(audio.audio16, transcript, models)
+        diar_key = [cfg.decode.asr_sample_rate, cfg.diarize.model_dump(),
+                    {k: v for k, v in info.items() if k.startswith("diarize")}]
+        segments = cache.record("diarize", rid, diar_key, lambda: retried(diarize)(audio.audio16, models),
+                                Diarization).segments
+        transcript, overlaps = assign_speakers(transcript, segments), overlap_regions(segments)
         lap("windows")
         packed, result.rejects = make_windows(result.recording_id, source, transcript, overlaps, audio.duration,
                                               models)
         lap("tokenize")
         if packed:
-            codes = tokenize_audio(audio.audio24, models)
+            codes_key = [cfg.decode.codec_sample_rate, cfg.tokenize.model_dump(exclude={"text"}), info["mimi"]]
+            codes = cache.array("codes", rid, codes_key, lambda: retried(tokenize_audio)(audio.audio24, models))
             for w in packed:
                 w.extra.update(language=transcript.language, source_meta=item.meta)
                 result.samples.append(shards.window_sample(w, codes, cfg.windows.frame_rate))
@@ -150,16 +177,72 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None) -
 
 
 @flow(name="ingest", log_prints=True)
-def ingest(sources: list[str], config: IngestConfig | None = None) -> dict[str, Any]:
-    """Ingest audio files, folders or globs into the dataset `<config.out>/<config.dataset>/`.
+def ingest(
+    sources: list[str] | None = None,
+    feeds: list[str] | None = None,
+    config: IngestConfig | None = None,
+    dataset: str | None = None,
+    fetch: FetchConfig | None = None,
+) -> dict[str, Any]:
+    """Ingest audio into the dataset `<config.out>/<config.dataset>/`.
 
-    The dataset grows across runs: a recording already in it (same content) is skipped.
+    `sources`: files, folders, globs, http(s) URLs, fsspec URIs (s3://, gs://, memory://...) and .csv/.parquet
+    manifests (a `uri` column). `feeds`: podcast RSS/Atom URLs; their new episodes are downloaded and ingested,
+    keeping feed, title, published, GUID and URL. `config`: every option; None = the YAML file named by
+    $CSM_INGEST_CONFIG if set, else the defaults. `dataset` overrides the config's dataset name.
+
+    The dataset grows across runs: an episode (same GUID) or recording (same content) already in it is skipped.
+    Once the new shards are published and verified, the run emits `shards.ready` (resource `dataset.<name>`,
+    payload `manifest`) and leaves a summary table and a link to the manifest as artifacts.
     """
-    cfg = config or IngestConfig()
-    items = expand_local(sources)
-    if not items:
-        raise ValueError(f"no audio files found in {sources}")
-    return ingest_sources(items, cfg)
+    from flows import inputs, publish
+    from tasks.sources import remove_downloads
+
+    logger = get_run_logger()
+    cfg = resolve_config(config, dataset)
+    fetch = fetch or FetchConfig()
+    if not sources and not feeds:
+        raise ValueError("nothing to ingest: give `sources` and/or `feeds`")
+    dataset_dir = Path(cfg.out) / cfg.dataset
+    got = inputs.gather(sources or [], feeds or [], dataset_dir, Path(cfg.out) / ".cache" / "downloads", fetch)
+    if sources and not feeds and not got.sources:
+        raise ValueError(f"no audio files found in {sources}" + "".join(f"\n{u}: {r}" for u, r in got.failures))
+    if feeds and not sources and not got.feeds_ok:
+        raise RuntimeError("no feed could be fetched:" + "".join(f"\n{u}: {r}" for u, r in got.failures))
+    if got.sources:
+        summary = ingest_sources(got.sources, cfg)
+    else:
+        logger.info("nothing new to ingest into %s", dataset_dir)
+        summary = _nothing_new(dataset_dir)
+    summary["recordings_skipped"] = summary.get("recordings_skipped", 0) + got.episodes_seen
+    summary["sources_failed"] = len(got.failures)
+    publish.publish_run(summary, cfg.dataset, dataset_dir)
+    if not fetch.keep_downloads:
+        remove_downloads(got.downloaded)
+    return summary
+
+
+def resolve_config(config: IngestConfig | None, dataset: str | None = None) -> IngestConfig:
+    """The run's config: as given, else the YAML named by $CSM_INGEST_CONFIG (a worker's default), else the
+    defaults; `dataset` replaces its dataset name."""
+    import os
+
+    if config is None:
+        path = os.environ.get(CONFIG_ENV)
+        config = IngestConfig.from_yaml(path) if path else IngestConfig()
+    if dataset:
+        config = IngestConfig.model_validate({**config.model_dump(), "dataset": dataset})
+    return config
+
+
+def _nothing_new(dataset_dir: Path) -> dict[str, Any]:
+    """The summary of a run that had nothing to process."""
+    manifest = dataset_dir / "manifest.json"
+    shards_now = len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
+    return {"recordings": 0, "recordings_skipped": 0, "recordings_failed": 0, "hours_in": 0.0, "hours_kept": 0.0,
+            "hours_rejected_by_reason": {}, "windows": 0, "turns": 0, "rejects": 0, "wall_s": 0.0,
+            "realtime_factor": 0.0, "stage_realtime_factor": {}, "shards": 0, "dataset_shards": shards_now,
+            "manifest": str(manifest.resolve()) if manifest.exists() else None, "untrained_models": []}
 
 
 def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
@@ -177,6 +260,7 @@ def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
     writer = shards.DatasetWriter(Path(cfg.out) / cfg.dataset, cfg.shards, overwrite=cfg.overwrite)
     results: list[RecordingResult] = []
     skipped = 0
+    cache = StageCache(cfg.cache_dir or Path(cfg.out) / ".cache")
     try:
         models = load_models(cfg, device)
         from tqdm import tqdm
@@ -187,7 +271,7 @@ def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
                 skipped += 1
                 logger.info("%s: already in the dataset, skipped", item.uri)
                 continue
-            r = process_recording(item, models, rec_id)
+            r = process_recording(item, models, rec_id, cache)
             for window, sample in zip(r.windows, r.samples, strict=True):
                 writer.write(window, sample)
             writer.add_recording(r.row(), r.rejects)

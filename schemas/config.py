@@ -131,6 +131,11 @@ class IngestConfig(BaseModel):
     shards: ShardConfig = ShardConfig()
     on_error: Literal["raise", "skip"] = Field("skip", description="skip: record a failed recording and go on.")
     overwrite: bool = Field(False, description="Replace an existing dataset of the same name.")
+    retries: int = Field(1, ge=0, le=10, description="Retries of a failed model stage before the file is recorded as failed.")
+    retry_delay_s: float = Field(2.0, ge=0)
+    cache_dir: str | None = Field(
+        None, description="Per-recording stage results (resume after a crash); default <out>/.cache. "
+        "Keyed by content, stage config and models, so datasets can share it.")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> IngestConfig:

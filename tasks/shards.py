@@ -95,6 +95,8 @@ class DatasetWriter:
             self._lock.close()
             raise DatasetExists(f"{self.dir}: another ingest run is writing this dataset") from None
         self.overwrite = overwrite
+        for stale in self.dir.glob(".staging-*"):  # we hold the lock: these are from runs that were killed
+            shutil.rmtree(stale, ignore_errors=True)
         self.previous: dict[str, Any] = {"shards": [], "index": [], "rejects": [], "recordings": [], "runs": []}
         if (self.dir / "manifest.json").exists() and not overwrite:
             manifest = json.loads((self.dir / "manifest.json").read_text())

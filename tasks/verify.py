@@ -43,10 +43,18 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_member_names(raw: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a sample whose tar member names could escape a directory (absolute paths, `..`)."""
+    name = raw.get("__key__", "")
+    if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+        raise InvalidDataset(f"{raw.get('__url__', '?')}: unsafe tar member name {name!r}")
+    return raw
+
+
 def iter_samples(shard_paths: list[str]) -> Iterator[dict[str, Any]]:
     import webdataset as wds
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shard_paths), wds.tarfile_to_samples())
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shard_paths), wds.tarfile_to_samples(), wds.map(check_member_names))
     for raw in pipeline:
         yield decode_sample(raw)
 

@@ -118,3 +118,27 @@ def test_abort_leaves_nothing(tmp_path) -> None:
     w = DatasetWriter(root, ShardConfig())
     w.abort()
     assert [p.name for p in root.iterdir()] == [".lock"]
+
+
+def test_unsafe_member_names_are_refused(tmp_path) -> None:
+    import io
+    import tarfile
+
+    shard = tmp_path / "evil.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("../../etc/x.json", "../../etc/x.codes.npy"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(InvalidDataset, match="unsafe tar member"):
+        list(iter_samples([str(shard)]))
+
+
+def test_verify_cli(tmp_path) -> None:
+    from flows.cli import main
+
+    root = tmp_path / "ds"
+    write_dataset(root, n_recordings=1)
+    assert main(["verify", str(root)]) == 0
+    (root / "manifest.json").unlink()
+    assert main(["verify", str(root)]) == 1
