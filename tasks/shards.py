@@ -73,6 +73,10 @@ class DatasetExists(Exception):
     """Another run holds the dataset's lock."""
 
 
+class DatasetWriteError(Exception):
+    """Writing the dataset failed (disk full, quota, I/O error); nothing new was published."""
+
+
 class DatasetWriter:
     """Writes samples into staging shards as they come; `publish` moves everything into place.
 
@@ -97,6 +101,12 @@ class DatasetWriter:
         self.overwrite = overwrite
         for stale in self.dir.glob(".staging-*"):  # we hold the lock: these are from runs that were killed
             shutil.rmtree(stale, ignore_errors=True)
+        listed = set()
+        if (self.dir / "manifest.json").exists() and not overwrite:
+            listed = {e["path"] for e in json.loads((self.dir / "manifest.json").read_text())["shards"]}
+        for orphan in (self.dir / "shards").glob("*.tar") if (self.dir / "shards").exists() else []:
+            if f"shards/{orphan.name}" not in listed and not overwrite:  # moved in by a run killed before its manifest
+                orphan.unlink()
         self.previous: dict[str, Any] = {"shards": [], "index": [], "rejects": [], "recordings": [], "runs": []}
         if (self.dir / "manifest.json").exists() and not overwrite:
             manifest = json.loads((self.dir / "manifest.json").read_text())
@@ -132,7 +142,12 @@ class DatasetWriter:
         self._pending = []
 
     def write(self, window: Window, sample: dict[str, Any]) -> None:
-        self._writer.write(sample)
+        try:
+            self._writer.write(sample)
+        except OSError as exc:
+            self.abort()
+            raise DatasetWriteError(f"{self.dir}: cannot write shard data ({exc.strerror or exc}); "
+                                    "nothing from this run was published") from exc
         self._pending.append(index_row(window, ""))
 
     def add_recording(self, row: dict[str, Any], rejects: list[Reject]) -> None:
@@ -143,6 +158,14 @@ class DatasetWriter:
 
     def publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Close the last shard, hash the new ones, move them, the tables, and last the manifest into place."""
+        try:
+            return self._publish(manifest)
+        except OSError as exc:
+            self.abort()
+            raise DatasetWriteError(f"{self.dir}: cannot publish the dataset ({exc.strerror or exc}); "
+                                    "the previous manifest, if any, still stands") from exc
+
+    def _publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         self._writer.close()
         entries = []
         for name in self.shards:
@@ -181,6 +204,8 @@ class DatasetWriter:
         """Leave nothing behind but what was published before."""
         try:
             self._writer.close()
+        except OSError:
+            pass  # the disk that failed the write may fail the close too; the staging folder goes anyway
         finally:
             self.close()
 

@@ -142,3 +142,33 @@ def test_verify_cli(tmp_path) -> None:
     assert main(["verify", str(root)]) == 0
     (root / "manifest.json").unlink()
     assert main(["verify", str(root)]) == 1
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from tests.test_shards import write_dataset
+from tasks.shards import DatasetWriteError
+try:
+    write_dataset(sys.argv[1], n_recordings=3, max_samples=1000)
+except DatasetWriteError as exc:
+    print("ERROR:", exc)
+    sys.exit(3)
+"""
+
+
+def test_full_disk_fails_clearly_and_publishes_nothing(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "ds"
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(root)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "cannot write shard data" in proc.stdout and "nothing from this run was published" in proc.stdout
+    assert not (root / "manifest.json").exists()
+    assert not list(root.rglob("*.tar")) and not list(root.glob(".staging-*"))
+    with pytest.raises(InvalidDataset):
+        verify_dataset(root)
