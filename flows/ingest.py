@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from schemas.config import IngestConfig, resolve_device
 from schemas.records import Reject, Source, SpeakerSegment, Transcript, Turn, Window
 from tasks import decode as decode_mod
-from tasks import quality, shards, turns, windows
+from tasks import metrics, quality, shards, turns, windows
 from tasks.cache import StageCache
 from tasks.diarize import assign_speakers, overlap_regions
 from tasks.models import Models, describe_models, load_models, untrained
@@ -67,19 +67,33 @@ def diarize(audio16: Any, models: Models) -> Diarization:
 
 @stage
 def make_windows(rec_id: str, source: str, transcript: Transcript, overlaps: list, duration: float,
-                 models: Models) -> tuple[list[Window], list[Reject]]:
+                 models: Models, audio16: Any = None, signal: metrics.Signal | None = None,
+                 recording: dict[str, Any] | None = None) -> tuple[list[Window], list[Reject]]:
+    """Turns -> measured and filtered turns -> windows -> measured and filtered windows (tasks/quality.py)."""
     from tokenizer.text import encode_turn_text
 
-    cfg = models.cfg
-    rejects = quality.check_transcript(rec_id, source, transcript, duration)
+    cfg, q = models.cfg, models.cfg.quality
+    recording = recording or {}
+    rejects = quality.check_transcript(rec_id, source, transcript, duration) or quality.check_speakers(
+        rec_id, source, metrics.count_speakers(transcript), duration, q)
     if rejects:
         return [], rejects
     all_turns: list[Turn] = turns.make_turns(transcript, overlaps, cfg.turns)
-    kept, turn_rejects = quality.filter_turns(rec_id, source, all_turns, transcript, cfg.quality)
+    kept, turn_rejects = quality.filter_turns(rec_id, source, all_turns, transcript, q, signal, overlaps)
     packed, pack_rejects = windows.pack_windows(
         rec_id, source, kept, lambda spk, text: encode_turn_text(models.text_tokenizer, spk, text), cfg.windows)
-    packed, window_rejects = quality.filter_windows(packed, cfg.quality)
-    return packed, turn_rejects + pack_rejects + window_rejects
+    for w in packed:
+        quality.annotate_window(w, recording)
+    packed, window_rejects = quality.filter_windows(packed, q, recording)
+    squim_rejects: list[Reject] = []
+    if q.squim_model and packed and audio16 is not None:  # measured only on windows that passed the rest
+        model = metrics.load_squim(q.squim_model, models.device)
+        for w in packed:
+            clip = metrics.window_audio(audio16, [(t.start, t.end) for t in w.turns], q.squim_max_s,
+                                        cfg.decode.asr_sample_rate)
+            w.extra["metrics"].update(metrics.squim_scores(model, clip, models.device))
+        packed, squim_rejects = quality.filter_windows(packed, q, recording, quality.SQUIM_RULES)
+    return packed, turn_rejects + pack_rejects + window_rejects + squim_rejects
 
 
 @stage
@@ -102,6 +116,7 @@ class RecordingResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     language: str | None = None
     failed: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)  # tasks/metrics.py RECORDING_METRICS
 
     def row(self) -> dict[str, Any]:
         """Its row in recordings.parquet."""
@@ -109,12 +124,15 @@ class RecordingResult:
         return {"recording_id": self.recording_id, "source": self.source.uri, "status": status,
                 "duration": self.duration, "windows": len(self.windows), "language": self.language,
                 "ingested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **{k: self.metrics.get(k) for k in metrics.RECORDING_METRICS},
                 **{k: self.source.meta.get(k) for k in shards.SOURCE_META}}
 
 
 def process_recording(item: Source, models: Models, rec_id: str | None = None,
-                      cache: StageCache | None = None) -> RecordingResult:
+                      cache: StageCache | None = None, dedupe: metrics.DuplicateIndex | None = None
+                      ) -> RecordingResult:
     """All stages for one file. A failure becomes a recording-level reject naming the stage and reason.
+    `dedupe` holds the dataset's windows so far: a window another recording already has is rejected.
 
     Model stages go through `cache` (keyed by content, stage config and models), so a rerun after a crash
     redoes only what had not finished.
@@ -142,9 +160,22 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
 
         audio = decode_audio(path, cfg)
         result.duration = audio.duration
+        signal = metrics.analyse_signal(audio.audio16, cfg.decode.asr_sample_rate, cfg.quality.silence_dbfs)
+        result.metrics = signal.recording_metrics()
+        result.rejects = quality.check_signal(rid, source, result.metrics, audio.duration, cfg.quality)
+        if result.rejects:  # silence, clipping or noise: no model needs to hear it
+            lap("done")
+            return result
         lap("asr")
         transcript = cache.record("asr", rid, asr_key, lambda: retried(transcribe)(audio.audio16, models), Transcript)
         result.language = transcript.language
+        result.metrics["language_probability"] = transcript.language_probability
+        if transcript.segments:  # not a language this dataset keeps: no aligner needed
+            result.rejects = quality.check_language(rid, source, transcript.language,
+                                                    transcript.language_probability, audio.duration, cfg.quality)
+            if result.rejects:
+                lap("done")
+                return result
         lap("align")
         transcript = cache.record("align", rid, [asr_key, cfg.align.model_dump(), info["align"]],
                                   lambda: retried(align)(audio.audio16, transcript, models), Transcript)
@@ -154,17 +185,24 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
         segments = cache.record("diarize", rid, diar_key, lambda: retried(diarize)(audio.audio16, models),
                                 Diarization).segments
         transcript, overlaps = assign_speakers(transcript, segments), overlap_regions(segments)
+        result.metrics["n_speakers"] = metrics.count_speakers(transcript)
         lap("windows")
         packed, result.rejects = make_windows(result.recording_id, source, transcript, overlaps, audio.duration,
-                                              models)
+                                              models, audio.audio16, signal, result.metrics)
         lap("tokenize")
+        rate = cfg.windows.frame_rate
         if packed:
             codes_key = [cfg.decode.codec_sample_rate, cfg.tokenize.model_dump(exclude={"text"}), info["mimi"]]
             codes = cache.array("codes", rid, codes_key, lambda: retried(tokenize_audio)(audio.audio24, models))
             for w in packed:
                 w.extra.update(language=transcript.language, source_meta=item.meta)
-                result.samples.append(shards.window_sample(w, codes, cfg.windows.frame_rate))
-            result.windows = packed
+            packed, duplicates = quality.drop_duplicates(
+                packed, lambda w: shards.window_sample(w, codes, rate)["codes.npy"], dedupe, cfg.quality)
+            result.rejects += duplicates
+        # every second in a kept window or in one reject; sets each window's metrics["audio_s"]
+        result.rejects = quality.settle(rid, source, audio.duration, packed, result.rejects)
+        result.samples = [shards.window_sample(w, codes, rate) for w in packed]
+        result.windows = packed
         lap("done")
     except Exception as exc:  # noqa: BLE001 - recorded, per the error policy
         if cfg.on_error == "raise":
@@ -271,7 +309,7 @@ def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
                 skipped += 1
                 logger.info("%s: already in the dataset, skipped", item.uri)
                 continue
-            r = process_recording(item, models, rec_id, cache)
+            r = process_recording(item, models, rec_id, cache, writer.dedupe)
             for window, sample in zip(r.windows, r.samples, strict=True):
                 writer.write(window, sample)
             writer.add_recording(r.row(), r.rejects)

@@ -90,10 +90,127 @@ class WindowConfig(BaseModel):
 
 
 class QualityConfig(BaseModel):
+    """Quality gate thresholds, each applied at one level: recording (before ASR for signal rules), turn, or
+    window. A threshold of None turns its rule off. Metrics are stored with the data (tasks/metrics.py), so
+    `csm-dataprep refilter` can apply stricter thresholds later without running any model. Every rejection
+    is a row of rejects.parquet (stage, level, rule, measured value, threshold, seconds removed)."""
+
+    # -- recording, from the signal alone (before ASR, so junk costs no GPU time)
+    silence_dbfs: float = Field(
+        -50.0, le=0,
+        description="A 20 ms frame quieter than this (RMS, dBFS) is silence. -50: loudness-normalised speech "
+        "sits around -30..-10 dBFS and its quietest syllables above -50, while room tone between phrases of "
+        "a usable recording is below it.")
+    max_silence_ratio: float | None = Field(
+        0.8, ge=0, le=1,
+        description="Recordings and turns with a larger share of silent frames are rejected (rule "
+        "mostly_silence). 0.8: conversation is 20-40% pauses, and a turn is words with short pauses; a "
+        "recording or turn over 80% silent is dead air or words the ASR invented in silence.")
+    max_clipping_ratio: float | None = Field(
+        0.001, ge=0, le=1,
+        description="Recordings and windows with a larger share of clipped samples are rejected (rule "
+        "clipped). 0.001: a clean recording has a handful of samples at its peak; 0.1% means the waveform "
+        "hits its ceiling on every loud syllable, a distortion Mimi's codes would learn.")
+    min_snr_db: float | None = Field(
+        10.0,
+        description="Recordings and windows with a lower estimated SNR are rejected (rule too_noisy). The "
+        "estimate is blind: 90th percentile of 20 ms frame levels over the recording's 10th percentile. "
+        "Clean podcasts measure 30-60 dB, continuous speech with no pauses about 20 dB; under 10 dB the "
+        "noise is as loud as the quiet half of the speech.")
+    # -- recording, from ASR and diarization
+    allowed_languages: list[str] | None = Field(
+        None,
+        description="Detected languages to keep (ISO 639-1, e.g. ['en']); other recordings are rejected "
+        "(rule language). None keeps every language: the ASR is multilingual and the CSM tokenizer takes "
+        "any text, so which languages a model should learn is the dataset's decision, and a default of "
+        "['en'] would silently drop everything else.")
+    min_language_probability: float | None = Field(
+        None, ge=0, le=1,
+        description="Recordings whose language detection is less sure are rejected (rule "
+        "low_language_probability). None: detection runs on the first speech only and is unsure on short "
+        "intros, accents and code-switching even when the transcript is fine, so it is off by default; "
+        "0.5 is a reasonable setting for a single-language dataset.")
+    require_dialogue: bool = Field(
+        False,
+        description="Reject recordings (before windows) and windows with fewer than two speakers (rule "
+        "single_speaker). False: monologue (lectures, audiobooks, a host alone) still teaches voices; set "
+        "it for a conversation-only dataset.")
+    # -- turn
     min_turn_s: float = Field(0.3, ge=0, description="Shorter turns are rejected (too short to carry a voice).")
-    min_avg_logprob: float = Field(-1.0, description="Turns whose ASR mean log-probability is lower are rejected.")
-    max_no_speech_prob: float = Field(0.8, ge=0, le=1, description="Turns more likely non-speech are rejected.")
+    min_avg_logprob: float | None = Field(
+        -1.0, description="Turns whose ASR mean log-probability is lower are rejected (Whisper's own "
+        "logprob_threshold: below it Whisper itself distrusts the decode).")
+    max_no_speech_prob: float | None = Field(
+        0.8, ge=0, le=1, description="Turns more likely non-speech are rejected (Whisper treats 0.6 with a low "
+        "log-probability as silence; 0.8 alone is a confident no-speech).")
+    max_compression_ratio: float | None = Field(
+        2.4, gt=0,
+        description="Turns whose text compresses better than this (zlib, in pieces of 80 words) are rejected "
+        "as hallucination (rule compression_ratio). 2.4 is Whisper's compression_ratio_threshold: natural "
+        "text of a segment's length compresses 1.3-2.0x, a looping decode far more.")
+    max_repeated_ngram_ratio: float | None = Field(
+        0.5, ge=0, le=1,
+        description="Turns where more than this share of word 3-grams repeat an earlier one are rejected as "
+        "hallucination (rule repeated_ngrams). 0.5: natural speech repeats under 15% even in long turns; a "
+        "decoder stuck in a loop repeats nearly all.")
+    min_aligned_ratio: float | None = Field(
+        0.5, ge=0, le=1,
+        description="Turns where a smaller share of words got an alignment score are rejected (rule "
+        "low_alignment). 0.5: the others' times are interpolated guesses, so with most words untimed the "
+        "turn's boundaries and codes are unreliable.")
+    min_word_score: float | None = Field(
+        None, ge=0, le=1,
+        description="Turns whose mean word alignment score is lower are rejected (rule low_word_score). None: "
+        "the score's scale depends on the aligner (wav2vec2 CTC posteriors vs Whisper word probabilities), "
+        "so there is no default that fits both; see the report's distribution before setting it.")
+    min_chars_per_s: float | None = Field(
+        3.0, ge=0,
+        description="Turns spoken slower (letters and digits per second) are rejected (rule too_slow). 3: "
+        "conversational English runs 12-18, CJK 4-8 characters a second; under 3 the turn is mostly pauses "
+        "or its word times are stretched by a bad alignment.")
+    max_chars_per_s: float | None = Field(
+        30.0, gt=0,
+        description="Turns spoken faster are rejected (rule too_fast). 30: the fastest natural speech is "
+        "about 25 letters a second; more means text the audio cannot hold (hallucinated words or squeezed "
+        "word times).")
+    # -- window
     min_window_s: float = Field(1.0, ge=0, description="Windows with less audio are rejected.")
+    max_overlap_ratio: float | None = Field(
+        0.3, ge=0, le=1,
+        description="Windows with a larger share of overlapped speech (diarization's overlap regions, per "
+        "turn) are rejected (rule overlap). 0.3: backchannels and interruptions overlap a few percent of a "
+        "conversation; beyond a third, the turns' words and speakers are no longer reliably separated.")
+    duplicate_text_similarity: float | None = Field(
+        0.8, ge=0, le=1,
+        description="A window whose transcript's word 3-gram MinHash matches a window of another recording "
+        "in the dataset (earlier runs included) at this Jaccard similarity or more is rejected (rule "
+        "duplicate). 0.8: a re-upload or re-encode of the same episode scores 0.9-1.0, different "
+        "conversations that share phrases under 0.3.")
+    duplicate_audio_similarity: float | None = Field(
+        0.7, ge=0, le=1,
+        description="Same, on the MinHash of 3-frame shingles of the window's codebook-0 Mimi codes (rule "
+        "duplicate); identical codes are always duplicates. 0.7: a copy of the same audio scores near 1, a "
+        "re-encoded copy 0.2-0.9 depending on the codec, so this catches exact and near-exact copies and "
+        "leaves re-encodes to the transcript rule.")
+    squim_model: str | None = Field(
+        None,
+        description="Non-intrusive speech quality (STOI, PESQ, SI-SDR estimates) per window with torchaudio's "
+        "SQUIM objective model: 'SQUIM_OBJECTIVE' for the trained pipeline (downloads its weights), a local "
+        "state_dict file or folder for squim_objective_base(), None to skip it (the default: it costs "
+        "about one CPU-second per second measured).")
+    squim_max_s: float = Field(
+        4.0, gt=0,
+        description="Seconds of each window's speech SQUIM measures (its first turns). 4: SQUIM was trained "
+        "on utterances of a few seconds, and its cost grows with the length.")
+    min_squim_stoi: float | None = Field(
+        None, ge=0, le=1, description="Windows with lower SQUIM STOI are rejected (rule low_squim_stoi). None: "
+        "off until the trained model is configured and the report's distribution is seen.")
+    min_squim_pesq: float | None = Field(
+        None, ge=1, le=4.5, description="Windows with lower SQUIM PESQ are rejected (rule low_squim_pesq). None: "
+        "as min_squim_stoi; 2.5 is a common floor for clean training speech.")
+    min_squim_si_sdr: float | None = Field(
+        None, description="Windows with lower SQUIM SI-SDR (dB) are rejected (rule low_squim_si_sdr). None: "
+        "as min_squim_stoi.")
 
 
 class TokenizeConfig(BaseModel):

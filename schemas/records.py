@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 
 class Source(BaseModel):
@@ -80,6 +80,7 @@ class WindowTurn(BaseModel):
     frames: int
     source_speaker: str = ""
     overlap: bool = False
+    metrics: dict[str, float | None] = Field(default_factory=dict)  # tasks/metrics.py TURN_METRICS
     tokens: list[int] = Field(default_factory=list, exclude=True)  # ids of f"[{speaker}]{text}"; stored in .text.npy
 
 
@@ -116,3 +117,5 @@ class Reject(BaseModel):
     start: float | None = None
     end: float | None = None
     seconds: float = 0.0
+    # The time spans it removed (turns of a window); settled into `seconds` by tasks.quality.settle.
+    _spans: list[tuple[float, float]] = PrivateAttr(default_factory=list)

@@ -90,6 +90,11 @@ def describe_models(cfg: IngestConfig) -> dict[str, dict[str, Any]]:
         models["diarize_embedding"] = provenance(cfg.diarize.embedding)
     else:
         models["diarize"] = provenance(cfg.diarize.pipeline)
+    if cfg.quality.squim_model:  # optional speech-quality metric (tasks/metrics.py)
+        from tasks.metrics import SQUIM_HUB
+
+        models["squim"] = ({"name": "torchaudio.pipelines.SQUIM_OBJECTIVE", "weights": "real (download.pytorch.org)"}
+                           if cfg.quality.squim_model == SQUIM_HUB else provenance(cfg.quality.squim_model))
     return models
 
 
@@ -111,6 +116,7 @@ def build_offline_set(dest: str | Path) -> Path:
     """Assemble the offline model set in `dest` and write `dest/config.yaml`, an ingest config using it."""
     from tasks.asr import build_offline_asr
     from tasks.diarize import build_offline_diarization
+    from tasks.metrics import build_offline_squim
     from tokenizer.mimi import build_offline_mimi
     from tokenizer.text import build_offline_text_tokenizer
 
@@ -120,6 +126,7 @@ def build_offline_set(dest: str | Path) -> Path:
     diar = build_offline_diarization(dest)
     mimi = build_offline_mimi(dest)
     text = build_offline_text_tokenizer(dest)
+    squim = build_offline_squim(dest)
     config = {
         # Real Whisper weights, but no trained wav2vec2 aligner ships: word times come from Whisper itself.
         "asr": {"model": asr["asr"], "batch_size": 8},
@@ -127,6 +134,8 @@ def build_offline_set(dest: str | Path) -> Path:
         "diarize": {"segmentation": diar["segmentation"], "embedding": diar["embedding"],
                     "min_speakers": 2, "max_speakers": 2},
         "tokenize": {"mimi": mimi, "text": text},
+        # SQUIM's trained weights come from a hub: a random model of its architecture exercises the metric.
+        "quality": {"squim_model": squim},
     }
     path = dest / "config.yaml"
     path.write_text("# Ingest config for the offline model set (csm-dataprep models offline).\n"

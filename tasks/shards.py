@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from schemas.config import ShardConfig
 from schemas.records import Reject, Window
+from tasks.metrics import RECORDING_METRICS, WINDOW_METRICS, DuplicateIndex
 
 SCHEMA_VERSION = 1
 NUM_CODEBOOKS = 32
@@ -46,7 +47,7 @@ def window_sample(window: Window, codes: np.ndarray, frame_rate: float = 12.5) -
     audio = np.concatenate(parts).astype(np.int16)
     text = np.array([t for turn in window.turns for t in turn.tokens], dtype=np.int32)
     meta = window.model_dump(mode="json", exclude={"extra"})
-    meta.update(window.extra)
+    meta.update({k: v for k, v in window.extra.items() if k != "fingerprint"})  # fingerprints: index only
     return {"__key__": window.key, "json": meta, "codes.npy": audio, "text.npy": text}
 
 
@@ -66,6 +67,11 @@ def index_row(window: Window, shard: str) -> dict[str, Any]:
         "text_tokens": sum(t.text_tokens for t in window.turns),
         "frames": sum(t.frames for t in window.turns),
         **{f: window.extra.get("source_meta", {}).get(f) for f in SOURCE_META},
+        # quality metrics (tasks/metrics.py) and duplicate fingerprints: refilter and the report read these
+        "language": window.extra.get("language"),
+        **{k: window.extra.get("metrics", {}).get(k) for k in WINDOW_METRICS},
+        "turn_seconds": [t.end - t.start for t in window.turns],
+        **{k: window.extra.get("fingerprint", {}).get(k) for k in ("fp_text", "fp_codes", "audio_hash")},
     }
 
 
@@ -122,6 +128,9 @@ class DatasetWriter:
         self.rejects: list[Reject] = []
         self.recordings: list[dict[str, Any]] = []
         self.shards: list[str] = []
+        self.dedupe = DuplicateIndex()  # the dataset's windows, earlier runs included: duplicates are rejected
+        for row in self.previous["index"]:
+            self.dedupe.add_row(row)
         self._seen = {r["recording_id"] for r in self.previous["recordings"]} | {
             r["guid"] for r in self.previous["recordings"] if r.get("guid")}
         self._writer = wds.ShardWriter(str(self.staging / "shards" / "shard-%06d.tar"), maxcount=cfg.max_samples,
@@ -149,6 +158,7 @@ class DatasetWriter:
             raise DatasetWriteError(f"{self.dir}: cannot write shard data ({exc.strerror or exc}); "
                                     "nothing from this run was published") from exc
         self._pending.append(index_row(window, ""))
+        self.dedupe.add_row(self._pending[-1])
 
     def add_recording(self, row: dict[str, Any], rejects: list[Reject]) -> None:
         """Record one processed recording (kept or not) and its rejects."""
@@ -237,6 +247,10 @@ INDEX_SCHEMA = pa.schema([
     ("source", pa.string()), ("n_positions", pa.int32()), ("n_turns", pa.int32()), ("n_speakers", pa.int32()),
     ("duration", pa.float64()), ("start", pa.float64()), ("end", pa.float64()), ("text_tokens", pa.int32()),
     ("frames", pa.int32()), *[(f, pa.string()) for f in SOURCE_META],
+    # added with the quality metrics (additive: older datasets read them as null)
+    ("language", pa.string()), *[(k, pa.float64()) for k in WINDOW_METRICS],
+    ("turn_seconds", pa.list_(pa.float64())), ("fp_text", pa.list_(pa.uint32())),
+    ("fp_codes", pa.list_(pa.uint32())), ("audio_hash", pa.string()),
 ])
 REJECT_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("level", pa.string()),
@@ -247,6 +261,7 @@ RECORDING_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("source", pa.string()), ("status", pa.string()), ("duration", pa.float64()),
     ("windows", pa.int32()), ("language", pa.string()), ("guid", pa.string()), ("feed", pa.string()),
     ("title", pa.string()), ("published", pa.string()), ("url", pa.string()), ("ingested", pa.string()),
+    *[(k, pa.float64()) for k in RECORDING_METRICS],
 ])
 
 

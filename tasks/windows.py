@@ -108,4 +108,5 @@ def _fit(turn: Turn, speakers: dict[str, int], tokenize: Tokenize, cfg: WindowCo
         return None
     speakers.setdefault(turn.speaker, speaker)
     return WindowTurn(speaker=speaker, text=turn.text, start=turn.start, end=turn.end, text_tokens=len(tokens),
-                      frames=frames, source_speaker=turn.speaker, overlap=turn.overlap, tokens=tokens)
+                      frames=frames, source_speaker=turn.speaker, overlap=turn.overlap, tokens=tokens,
+                      metrics=turn.extra.get("metrics", {}))
