@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ class DatasetWriter:
             r["guid"] for r in self.previous["recordings"] if r.get("guid")}
         self._writer = wds.ShardWriter(str(self.staging / "shards" / "shard-%06d.tar"), maxcount=cfg.max_samples,
                                        maxsize=cfg.max_bytes, post=self._shard_done, verbose=0,
+                                       mtime=0,  # fixed member times: the same samples give byte-identical shards
                                        start_shard=max(numbers, default=-1) + 1)
 
     def seen(self, key: str) -> bool:
@@ -177,11 +179,12 @@ class DatasetWriter:
 
     def _publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         self._writer.close()
+        per_shard = Counter(row["shard"] for row in self.index)
         entries = []
         for name in self.shards:
             path = self.staging / name
-            n = sum(1 for row in self.index if row["shard"] == name)
-            entries.append({"path": name, "sha256": sha256_file(path), "samples": n, "bytes": path.stat().st_size})
+            entries.append({"path": name, "sha256": sha256_file(path), "samples": per_shard[name],
+                            "bytes": path.stat().st_size})
         shards_dir = self.dir / "shards"
         if self.overwrite:  # without its manifest the old dataset is no longer a dataset to any reader
             (self.dir / "manifest.json").unlink(missing_ok=True)

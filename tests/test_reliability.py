@@ -165,3 +165,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path, offline_models, prefec
     assert not list((out / "ds").glob(".staging-*"))
     assert dataset_digest(out / "ds") == dataset_digest(tmp_path / "base" / "ds")
     assert len(dataset_digest(out / "ds")["samples"]) > 0
+    # fixed tar member times: even the shard bytes are the same
+    shas = [[e["sha256"] for e in json.loads((d / "manifest.json").read_text())["shards"]]
+            for d in (out / "ds", tmp_path / "base" / "ds")]
+    assert shas[0] == shas[1]
