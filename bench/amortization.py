@@ -17,13 +17,16 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from training.data import AUDIO, EOS, collate, sequence_from_sample
 from training.model import CsmForTraining, decoder_labels, named_config
+
+if TYPE_CHECKING:
+    from bench.common import Row
 
 SIZES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("tiny", {}),
@@ -125,42 +128,66 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     positions = int(b["attention_mask"].sum())
     frames = int(((b["kinds"] == AUDIO) | (b["kinds"] == EOS)).sum())
     return {
-        "ratio": args.ratio, "step_s": float(np.median(times)), "peak_mib": peak, "step_mib": peak - base,
+        "ratio": args.ratio, "step_s": min(times), "peak_mib": peak, "step_mib": peak - base,
         "positions": positions, "frames": frames, "decoder_frames": n_dec,
         "flops": step_flops(config, positions, n_dec, seq_len), "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
     }  # fmt: skip
 
 
+def compare(size: str = "small", batch: int = 2, positions: int | None = None, steps: int = 3,
+            ratio: float = 1 / 16, device: str = "auto", checkpointing: bool = False) -> tuple[dict, dict]:
+    """(full decoder, amortized) results, each variant measured in its own subprocess."""
+    positions = positions or (2048 if size in ("1b", "8b") else 512)
+    results = {}
+    for r in (1.0, ratio):
+        cmd = [sys.executable, __file__, "--child", "--size", size, "--batch", str(batch), "--positions",
+               str(positions), "--steps", str(steps), "--ratio", repr(r), "--device", device]
+        cmd += ["--checkpointing"] if checkpointing else []
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        results[r] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results[1.0], results[ratio]
+
+
+def run() -> list[Row]:
+    """Rows for `python -m bench` (default small config)."""
+    from bench.common import Row
+
+    full, amort = compare()
+    where = full["gpu"] or "cpu"
+    measured, flops = full["step_s"] / amort["step_s"], full["flops"] / amort["flops"]
+    mem = "GPU max allocated" if full["gpu"] else "max RSS"
+    return [
+        Row("amortization", f"step time, full decoder / 1/16 frames (small config, {where})", measured,
+            f"FLOP count {flops:.2f}x", measured / flops,
+            f"{full['step_s']:.2f} s vs {amort['step_s']:.2f} s; decoder frames {full['decoder_frames']} vs "
+            f"{amort['decoder_frames']}"),
+        Row("amortization", f"peak memory, full decoder / 1/16 frames ({mem})", full["peak_mib"] / amort["peak_mib"],
+            "", None, f"{full['peak_mib']:.0f} MiB vs {amort['peak_mib']:.0f} MiB"),
+    ]  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2; 1b/8b: 2)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--positions", type=int, default=None, help="positions per sequence (default 512; 1b/8b: 2048)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (fastest reported)")
     p.add_argument("--ratio", type=float, default=1 / 16, help="the amortized variant's decoder_frame_ratio")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (for big sizes)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    big = args.size in ("1b", "8b")
-    args.batch = args.batch or 2
-    args.positions = args.positions or (2048 if big else 512)
     if args.child:
+        args.positions = args.positions or (2048 if args.size in ("1b", "8b") else 512)
         print(json.dumps(child(args)))
         return
 
-    results = {}
-    for ratio in (1.0, args.ratio):
-        cmd = [sys.executable, __file__, "--child", "--size", args.size, "--batch", str(args.batch),
-               "--positions", str(args.positions), "--steps", str(args.steps), "--ratio", repr(ratio),
-               "--device", args.device] + (["--checkpointing"] if args.checkpointing else [])  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[ratio] = json.loads(out.stdout.strip().splitlines()[-1])
-    full, amort = results[1.0], results[args.ratio]
-    print(f"size {args.size}, batch {args.batch} x {args.positions} positions on {full['gpu'] or full['device']}: "
-          f"{full['frames']} audio frames ({full['positions']} positions)")  # fmt: skip
+    full, amort = compare(args.size, args.batch, args.positions, args.steps, args.ratio, args.device,
+                          args.checkpointing)  # fmt: skip
+    print(f"size {args.size}, {args.batch} sequences on {full['gpu'] or full['device']}: {full['positions']} "
+          f"positions, {full['frames']} of them audio frames")  # fmt: skip
     print(f"{'variant':<16}{'decoder frames':>15}{'step s':>9}{'peak MiB':>10}{'step MiB':>10}{'TFLOP/step':>12}")
     for name, r in (("full decoder", full), (f"1/{round(1 / args.ratio)} frames", amort)):
         print(f"{name:<16}{r['decoder_frames']:>15}{r['step_s']:>9.3f}{r['peak_mib']:>10.0f}{r['step_mib']:>10.0f}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,10 @@ def test_depth_decoder_trains_on_sampled_frames_only(batch: dict) -> None:
     hidden = seen["hidden"]
     g_dec = torch.autograd.grad(decoder_loss, hidden, retain_graph=True)[0].abs().sum(-1) != 0
     g_bb = torch.autograd.grad(backbone_loss, hidden)[0].abs().sum(-1) != 0
-    shifted = lambda mask: torch.nn.functional.pad(mask[:, 1:], (0, 1))  # noqa: E731 - position t -> row t-1
+
+    def shifted(mask: torch.Tensor) -> torch.Tensor:  # position t -> row t-1
+        return torch.nn.functional.pad(mask[:, 1:], (0, 1))
+
     assert torch.equal(g_dec, shifted(keep))
     labelled = (kinds == AUDIO) | (kinds == EOS)
     assert torch.equal(g_bb, shifted(labelled))  # every audio and end-of-audio frame
@@ -146,10 +150,17 @@ def test_torchrun_two_processes(manifest: str, tmp_path: Path) -> None:
     cfg_file.write_text(yaml.safe_dump({**FAST, "num_workers": 1, "max_steps": 2, "checkpoint_interval": 2,
                                         "eval_interval": 2, "export_final": True, "tensorboard": True}))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.train", "--manifest", manifest, "--config", str(cfg_file), "--set", f"out_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # own session: on a timeout the ranks go down with torchrun instead of lingering
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
 
     state = load_checkpoint(out / "checkpoints" / "step-00000002.pt")
     assert state["world_size"] == 2 and len(state["loader"]) == 2 and len(state["rng"]) == 2

@@ -101,8 +101,8 @@ class TrainConfig(BaseModel):
         "then estimated from the manifest's sample counts.",
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on matrices and embeddings only.")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
 
     # --- runtime -----------------------------------------------------------------------------------------

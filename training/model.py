@@ -88,7 +88,6 @@ def build_model(cfg: TrainConfig) -> CsmForConditionalGeneration:
         )
     # the codec only matters for generation/export; frozen, so DDP and the optimizer leave it alone
     model.codec_model.requires_grad_(False)
-    model.config.use_cache = False
     return model
 
 

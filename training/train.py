@@ -232,6 +232,8 @@ def run(manifest: str, cfg: TrainConfig | None = None) -> TrainResult:
 
         def evaluate() -> float | None:
             nonlocal eval_cache
+            if cfg.eval_fraction == 0:  # nothing held out: don't read every shard looking for it
+                return None
             if eval_cache is None:  # the held-out batches are small: read once, keep on the CPU
                 eval_cache = eval_batches(mf, cfg, rank=rank, world_size=world_size, text_vocab_size=text_vocab)
             n = torch.tensor([len(eval_cache)], device=device)
@@ -321,6 +323,7 @@ def run(manifest: str, cfg: TrainConfig | None = None) -> TrainResult:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -334,7 +337,7 @@ def run(manifest: str, cfg: TrainConfig | None = None) -> TrainResult:
                 s, c = sums.tolist(), counts.tolist()
                 values = {
                     "loss": s[0] / c[0], "backbone_loss": s[1] / c[0], "decoder_loss": s[2] / c[0],
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": c[1] / dt, "frames_per_s": c[2] / dt, "decoder_frames": c[3],
                     "step_s": dt / cfg.log_interval,
                 }  # fmt: skip
