@@ -68,12 +68,13 @@ clean:
 # work pools, the deployments of prefect.yaml (`prefect deploy --all`) and one worker per pool, all in the
 # background with their pid files in .prefect/run/ and logs in .prefect/logs/. `make stop` stops exactly
 # those processes. Models: the hub models when HF_TOKEN is set and the hub reachable, else the offline set
-# (workers get CSM_INGEST_CONFIG=$(OFFLINE_MODELS)/config.yaml). SERVE_TRAIN_CONFIG=FILE.yaml becomes
-# train/csm's `config` (e.g. a tiny CPU config when there is no GPU).
+# (workers get CSM_INGEST_CONFIG=$(OFFLINE_MODELS)/config.yaml, and train/csm gets configs/train-tiny.yaml
+# as its `config`). SERVE_TRAIN_CONFIG=FILE.yaml sets train/csm's `config` in either case.
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 4210
 SERVE_POOLS ?= csm-cpu csm-gpu
 SERVE_TRAIN_CONFIG ?=
+SERVE_TRAIN_CONFIG_OFFLINE ?= configs/train-tiny.yaml
 SERVE_DIR := $(CURDIR)/.prefect
 SERVE_ENV := PREFECT_HOME=$(SERVE_DIR) PREFECT_API_URL=http://$(SERVE_HOST):$(SERVE_PORT)/api \
   PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -83,10 +84,11 @@ alive = { [ -s $(1) ] && kill -0 $$(cat $(1)) 2>/dev/null && grep -qa prefect /p
 serve: setup
 	@mkdir -p $(SERVE_DIR)/run $(SERVE_DIR)/logs
 	@if [ -n "$$HF_TOKEN" ] && $(BIN)/csm-dataprep models hub >/dev/null; then \
-	  echo "model hub reachable: workers use the production models"; cfg=""; \
+	  echo "model hub reachable: workers use the production models"; cfg=""; tcfg="$(SERVE_TRAIN_CONFIG)"; \
 	else \
 	  echo "no model hub (or no HF_TOKEN): workers use the offline model set in $(OFFLINE_MODELS)"; \
 	  $(MAKE) --no-print-directory models-offline >$(SERVE_DIR)/logs/models.log 2>&1 || { tail -20 $(SERVE_DIR)/logs/models.log; exit 1; }; cfg="$(CURDIR)/$(OFFLINE_MODELS)/config.yaml"; \
+	  tcfg="$(or $(SERVE_TRAIN_CONFIG),$(wildcard $(SERVE_TRAIN_CONFIG_OFFLINE)))"; \
 	fi; \
 	export $(SERVE_ENV); \
 	if $(call alive,$(SERVE_DIR)/run/server.pid); then echo "server already running (pid $$(cat $(SERVE_DIR)/run/server.pid))"; \
@@ -100,7 +102,7 @@ serve: setup
 	done; \
 	$(BIN)/prefect --no-prompt deploy --all >$(SERVE_DIR)/logs/deploy.log 2>&1 || { tail -30 $(SERVE_DIR)/logs/deploy.log; exit 1; }; \
 	echo "deployed: ingest/podcasts ingest/files train/csm (log: .prefect/logs/deploy.log)"; \
-	if [ -n "$(SERVE_TRAIN_CONFIG)" ]; then $(BIN)/python -m flows.serve set-config train/csm $(SERVE_TRAIN_CONFIG); fi; \
+	if [ -n "$$tcfg" ]; then $(BIN)/python -m flows.serve set-config train/csm $$tcfg; fi; \
 	for pool in $(SERVE_POOLS); do \
 	  pidf=$(SERVE_DIR)/run/worker-$$pool.pid; \
 	  if $(call alive,$$pidf); then echo "worker for $$pool already running (pid $$(cat $$pidf))"; continue; fi; \
@@ -110,13 +112,18 @@ serve: setup
 	done; \
 	echo "Prefect UI: http://$(SERVE_HOST):$(SERVE_PORT)  (make stop to stop it all)"
 
+# Workers first (all at once), then the server. A worker's graceful stop can take a while: after 15 s its
+# process group gets SIGKILL.
 stop:
-	@for f in $(SERVE_DIR)/run/worker-*.pid $(SERVE_DIR)/run/server.pid; do \
-	  [ -e "$$f" ] || continue; pid=$$(cat $$f); \
-	  if $(call alive,$$f); then \
-	    echo "stopping $$(basename $$f .pid) (pid $$pid)"; kill -TERM -- -$$pid 2>/dev/null || kill -TERM $$pid; \
-	    for i in $$(seq 75); do kill -0 $$pid 2>/dev/null || break; sleep 0.2; done; \
-	    kill -0 $$pid 2>/dev/null && kill -KILL -- -$$pid 2>/dev/null; \
-	  fi; \
-	  rm -f $$f; \
+	@for group in "$(SERVE_DIR)/run/worker-*.pid" "$(SERVE_DIR)/run/server.pid"; do \
+	  pids=""; \
+	  for f in $$group; do \
+	    [ -e "$$f" ] || continue; \
+	    if $(call alive,$$f); then pid=$$(cat $$f); echo "stopping $$(basename $$f .pid) (pid $$pid)"; \
+	      kill -TERM -- -$$pid 2>/dev/null || kill -TERM $$pid; pids="$$pids $$pid"; fi; \
+	    rm -f $$f; \
+	  done; \
+	  for i in $$(seq 75); do left=""; for p in $$pids; do kill -0 $$p 2>/dev/null && left="$$left $$p"; done; \
+	    [ -z "$$left" ] && break; sleep 0.2; done; \
+	  for p in $$left; do echo "pid $$p did not stop: SIGKILL"; kill -KILL -- -$$p 2>/dev/null || kill -KILL $$p; done; \
 	done; true

@@ -32,6 +32,22 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("dataset_dir", type=Path)
     v.set_defaults(run=_verify)
 
+    rp = sub.add_parser("report", help="rebuild DATASET_DIR/report/ (HTML page, PNG plots) from the dataset's tables")
+    rp.add_argument("dataset_dir", type=Path)
+    rp.add_argument("--out", type=Path, help="report folder (default: DATASET_DIR/report)")
+    rp.set_defaults(run=_report)
+
+    rf = sub.add_parser("refilter", help="apply new quality thresholds to a dataset's stored metrics -> a new "
+                        "dataset (no model runs)")
+    rf.add_argument("dataset_dir", type=Path)
+    rf.add_argument("--config", type=Path, required=True,
+                    help="YAML: an ingest config subset (quality: {...}) or QualityConfig fields, laid over the "
+                    "source dataset's config")
+    rf.add_argument("--out", type=Path, required=True, help="the new dataset's directory")
+    rf.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    rf.add_argument("--no-report", action="store_true", help="do not build the new dataset's report/")
+    rf.set_defaults(run=_refilter)
+
     m = sub.add_parser("models", help="model sets")
     msub = m.add_subparsers(dest="models_command", required=True)
     off = msub.add_parser("offline", help="assemble the offline model set in DIR and write DIR/config.yaml")
@@ -95,6 +111,35 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"INVALID: {exc}", file=sys.stderr)
         return 1
     print(f"OK: {counts['samples']} samples in {counts['shards']} shards match the manifest and contract v1")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tasks.report import build_report, load_tables, summarize
+
+    if not (args.dataset_dir / "index.parquet").exists():
+        print(f"{args.dataset_dir}: no index.parquet (not a dataset)", file=sys.stderr)
+        return 1
+    page = build_report(args.dataset_dir, args.out)
+    s = summarize(load_tables(args.dataset_dir))
+    print(f"in {s['seconds_in']:.1f} s, kept {s['seconds_kept']:.1f} s, rejected {s['seconds_rejected']:.1f} s "
+          f"({s['windows']} windows)")
+    print(f"wrote {page}")
+    return 0
+
+
+def _refilter(args: argparse.Namespace) -> int:
+    from tasks.refilter import main_summary, refilter
+    from tasks.verify import InvalidDataset
+
+    try:
+        manifest = refilter(args.dataset_dir, args.config, args.out, overwrite=args.overwrite,
+                            report=not args.no_report)
+    except (InvalidDataset, FileExistsError, ValueError) as exc:
+        print(f"refilter: {exc}", file=sys.stderr)
+        return 1
+    print(main_summary(manifest))
+    print(f"wrote {args.out / 'manifest.json'}")
     return 0
 
 

@@ -224,14 +224,19 @@ def ingest(
 ) -> dict[str, Any]:
     """Ingest audio into the dataset `<config.out>/<config.dataset>/`.
 
-    `sources`: files, folders, globs, http(s) URLs, fsspec URIs (s3://, gs://, memory://...) and .csv/.parquet
-    manifests (a `uri` column). `feeds`: podcast RSS/Atom URLs; their new episodes are downloaded and ingested,
-    keeping feed, title, published, GUID and URL. `config`: every option; None = the YAML file named by
-    $CSM_INGEST_CONFIG if set, else the defaults. `dataset` overrides the config's dataset name.
-
     The dataset grows across runs: an episode (same GUID) or recording (same content) already in it is skipped.
     Once the new shards are published and verified, the run emits `shards.ready` (resource `dataset.<name>`,
     payload `manifest`) and leaves a summary table and a link to the manifest as artifacts.
+
+    Args:
+        sources: Files, folders, globs, http(s) URLs, fsspec URIs (s3://, gs://, memory://...) and .csv/.parquet
+            manifests with a `uri` column.
+        feeds: Podcast RSS/Atom feed URLs (http/https): new episodes are downloaded and ingested, keeping their
+            feed, title, published date, GUID and URL.
+        config: Every ingest option. None: the YAML file named by $CSM_INGEST_CONFIG on the worker if set,
+            else the defaults.
+        dataset: Dataset name, replacing the config's.
+        fetch: Download bounds (size, time), episodes per feed, parallel downloads. None: the defaults.
     """
     from flows import inputs, publish
     from tasks.sources import remove_downloads

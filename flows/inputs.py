@@ -8,15 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from schemas.records import Source
 from tasks import feeds as feeds_mod
-from tasks.sources import FetchConfig, Resolved, resolve_sources
+from tasks.sources import FetchConfig, FetchError, Resolved, resolve_sources
 
-fetch_task = task(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry network trouble, not a 404, a size limit or a refused scheme."""
+    exc = state.data
+    return not isinstance(exc, FetchError) or exc.transient
+
+
+fetch_task = task(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5,
+                  retry_condition_fn=_transient)
 
 
 @fetch_task
@@ -66,7 +75,6 @@ def gather(sources: list[str], feeds: list[str], dataset_dir: Path, cache_dir: P
             logger.info("%s: %d episodes, %d new%s", url, len(got), len(new),
                         f" (taking the newest {cfg.max_episodes})" if cfg.max_episodes else "")
             episodes += new
-        futures = []
         for i in range(0, len(episodes), cfg.parallel_downloads):  # at most `parallel_downloads` in flight
             batch = episodes[i:i + cfg.parallel_downloads]
             futures = download_episode.map(batch, unmapped(str(cache_dir)), unmapped(cfg))

@@ -181,17 +181,17 @@ class QualityConfig(BaseModel):
         "turn) are rejected (rule overlap). 0.3: backchannels and interruptions overlap a few percent of a "
         "conversation; beyond a third, the turns' words and speakers are no longer reliably separated.")
     duplicate_text_similarity: float | None = Field(
-        0.8, ge=0, le=1,
-        description="A window whose transcript's word 3-gram MinHash matches a window of another recording "
+        0.7, ge=0, le=1,
+        description="A window whose transcript's word-bigram MinHash matches a window of another recording "
         "in the dataset (earlier runs included) at this Jaccard similarity or more is rejected (rule "
-        "duplicate). 0.8: a re-upload or re-encode of the same episode scores 0.9-1.0, different "
-        "conversations that share phrases under 0.3.")
+        "duplicate). 0.7: a re-encode of the same episode scores 0.8-1.0 (the ASR differs in a few words), "
+        "a window sharing a few lines with another about 0.4, different conversations under 0.1.")
     duplicate_audio_similarity: float | None = Field(
         0.7, ge=0, le=1,
         description="Same, on the MinHash of 3-frame shingles of the window's codebook-0 Mimi codes (rule "
-        "duplicate); identical codes are always duplicates. 0.7: a copy of the same audio scores near 1, a "
-        "re-encoded copy 0.2-0.9 depending on the codec, so this catches exact and near-exact copies and "
-        "leaves re-encodes to the transcript rule.")
+        "duplicate); identical codes count as 1.0, and None turns audio duplicates off. 0.7: a copy of the "
+        "same audio scores near 1, a re-encoded copy 0.2-0.9 depending on the codec, so this catches exact "
+        "and near-exact copies and leaves re-encodes to the transcript rule.")
     squim_model: str | None = Field(
         None,
         description="Non-intrusive speech quality (STOI, PESQ, SI-SDR estimates) per window with torchaudio's "

@@ -11,9 +11,10 @@ carries the metrics of the whole turn. SQUIM (optional) is the one window metric
 own audio.
 
 Signal metrics work on 20 ms frames of the 16 kHz audio: frame level (dBFS, RMS re full scale 1.0), silent
-frames (below `QualityConfig.silence_dbfs`), clipped samples (at or above min(0.99 x the recording's peak,
-0.95), so a lossy codec's ringing around a clipped ceiling still counts) and a blind SNR estimate (the 90th
-percentile of frame levels over the 10th percentile of the recording's frame levels).
+frames (below `QualityConfig.silence_dbfs`), clipped samples (`clip_level_of`: at or above min(0.99 x the
+recording's peak, 0.95), so a resampler's or lossy codec's ringing around a clipped ceiling still counts) and
+a blind SNR estimate (the 90th percentile of frame levels over the 10th percentile of the recording's frame
+levels).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from schemas.records import Transcript, Turn
 
 FRAME_S = 0.02
 FLOOR_DB = -100.0  # level of digital silence (log of zero)
-NGRAM = 3  # word n-grams for repetition and for the transcript fingerprint
+NGRAM = 3  # word n-grams of the repetition metric
+FINGERPRINT_NGRAM = 2  # word n-grams of the transcript fingerprint: one ASR word error breaks only two
 COMPRESSION_CHUNK_WORDS = 80  # about one Whisper segment (30 s) of speech
 CODE_SHINGLE = 3  # consecutive code-0 frames (240 ms) per shingle of the audio fingerprint
-MINHASH_PERMUTATIONS = 64
-LSH_BANDS = 16  # 16 bands x 4 rows: a pair at Jaccard 0.7 shares a band with probability 0.99, at 0.1 with 0.002
+MINHASH_PERMUTATIONS = 128  # similarity estimates within about +-0.04
+LSH_BANDS = 32  # 32 bands x 4 rows: a pair at Jaccard 0.7 shares a band with probability 0.9998, at 0.1 with 0.003
 SQUIM_FILE = "squim_objective.pt"
 SQUIM_HUB = "SQUIM_OBJECTIVE"  # torchaudio.pipelines.SQUIM_OBJECTIVE: weights from download.pytorch.org
 
@@ -118,6 +120,16 @@ class Signal:
         return m
 
 
+def clip_level_of(peak: float) -> float:
+    """The level at or above which a sample counts as clipped. Audio clipped at full scale piles up at +-1,
+    and a resampler or lossy codec rings up to about +4 dB around that ceiling, so for a peak up to 2.0
+    everything from 0.95 (or 99% of a lower peak) counts. A decode far above full scale (a multichannel
+    downmix, a float source) has no full-scale ceiling: only samples at its own peak count."""
+    if peak <= 1e-3:
+        return math.inf
+    return 0.99 * peak if peak > 2.0 else min(0.99 * peak, 0.95)
+
+
 def analyse_signal(audio: np.ndarray, sample_rate: int = 16_000, silence_dbfs: float = -50.0,
                    block: int = 1 << 22) -> Signal:
     """Frame powers and clipped-sample counts of mono float audio, in blocks (bounded memory for long files)."""
@@ -126,7 +138,7 @@ def analyse_signal(audio: np.ndarray, sample_rate: int = 16_000, silence_dbfs: f
     peak = 0.0
     for i in range(0, n, block):
         peak = max(peak, float(np.max(np.abs(audio[i : i + block]))) if i < n else 0.0)
-    clip_level = min(0.99 * peak, 0.95) if peak > 1e-3 else math.inf
+    clip_level = clip_level_of(peak)
     block -= block % frame
     powers, clipped, counts = [], [], []
     for i in range(0, n, block):
@@ -279,28 +291,45 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def minhash(shingles: np.ndarray) -> list[int] | None:
-    """MinHash signature (MINHASH_PERMUTATIONS uint32 values) of a set of 64-bit shingle ids; None if empty."""
+def minhash(shingles: np.ndarray) -> np.ndarray | None:
+    """MinHash signature (MINHASH_PERMUTATIONS uint32) of a set of 64-bit shingle ids; None if empty."""
     if len(shingles) == 0:
         return None
     x = _mix64(np.unique(np.asarray(shingles, dtype=np.uint64)))
     with np.errstate(over="ignore"):
         h = (_PERM_A[:, None] * x[None, :] + _PERM_B[:, None]) >> np.uint64(32)
-    return [int(v) for v in h.min(axis=1)]
+    return h.min(axis=1).astype(np.uint32)
 
 
-def text_fingerprint(texts: list[str]) -> list[int] | None:
-    """MinHash of the word NGRAM-grams of a window's transcript (all its turns, in order)."""
+def signature(value: Any) -> np.ndarray | None:
+    """A stored signature (index.parquet keeps 128 little-endian uint32 as bytes) as a uint32 array."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        sig = np.frombuffer(value, dtype="<u4").astype(np.uint32)
+    else:
+        sig = np.asarray(value, dtype=np.uint32)
+    return sig if len(sig) == MINHASH_PERMUTATIONS else None
+
+
+def signature_bytes(value: Any) -> bytes | None:
+    sig = signature(value)
+    return None if sig is None else sig.astype("<u4").tobytes()
+
+
+def text_fingerprint(texts: list[str]) -> np.ndarray | None:
+    """MinHash of the word FINGERPRINT_NGRAM-grams of a window's transcript (all its turns, in order)."""
     words = words_of(" ".join(texts))
     if not words:
         return None
-    grams = [" ".join(words[i : i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))]
+    n = FINGERPRINT_NGRAM
+    grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
     ids = np.array([int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams],
                    dtype=np.uint64)
     return minhash(ids)
 
 
-def codes_fingerprint(codes: np.ndarray) -> list[int] | None:
+def codes_fingerprint(codes: np.ndarray) -> np.ndarray | None:
     """MinHash of the shingles of CODE_SHINGLE consecutive codebook-0 codes of a window's frames."""
     c0 = np.asarray(codes)[:, 0].astype(np.uint64) if len(codes) else np.zeros(0, np.uint64)
     if len(c0) < CODE_SHINGLE:
@@ -323,37 +352,48 @@ def similarity(a: list[int] | np.ndarray | None, b: list[int] | np.ndarray | Non
     return float(np.mean(np.asarray(a) == np.asarray(b)))
 
 
+def _band_hashes(sig: np.ndarray) -> np.ndarray:
+    """One 64-bit hash per LSH band (band number mixed in), so all bands share one lookup table."""
+    rows = sig.reshape(LSH_BANDS, -1).astype(np.uint64)
+    h = np.arange(LSH_BANDS, dtype=np.uint64)
+    for r in range(rows.shape[1]):
+        h = _mix64(h ^ (rows[:, r] << np.uint64(32 - r)))  # a row value moved by its position in the band
+    return h
+
+
 class DuplicateIndex:
     """Near-duplicate lookup of windows by their fingerprints (MinHash + LSH bands), across the dataset.
 
     Fed with the dataset's earlier windows (index.parquet) and each window written since, so a recording is
-    compared with every other recording of the dataset, earlier runs included (never with itself).
+    compared with every other recording of the dataset, earlier runs included (never with itself). What was
+    loaded is frozen into sorted numpy arrays (a few hundred bytes a window); windows added during the run go
+    into a dict until the next `freeze`.
     """
 
+    KINDS = ("text", "codes")
+
     def __init__(self) -> None:
-        self.keys: list[tuple[str, str]] = []  # (key, recording_id) per entry
-        self.sigs: dict[str, list[np.ndarray | None]] = {"text": [], "codes": []}
-        self.buckets: dict[tuple[str, int, bytes], list[int]] = {}
+        self.keys: list[str] = []
+        self.recordings: list[str] = []
+        self.sigs: dict[str, list[np.ndarray | None]] = {k: [] for k in self.KINDS}
         self.exact: dict[str, int] = {}
+        self._frozen = {k: (np.zeros(0, np.uint64), np.zeros(0, np.int64)) for k in self.KINDS}
+        self._recent: dict[str, dict[int, list[int]]] = {k: {} for k in self.KINDS}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    @staticmethod
-    def _bands(sig: np.ndarray) -> list[bytes]:
-        rows = len(sig) // LSH_BANDS
-        return [sig[b * rows : (b + 1) * rows].tobytes() for b in range(LSH_BANDS)]
-
     def add(self, key: str, recording_id: str, fp_text: Any = None, fp_codes: Any = None,
             hash_: str | None = None) -> None:
         i = len(self.keys)
-        self.keys.append((key, recording_id))
+        self.keys.append(key)
+        self.recordings.append(recording_id)
         for kind, fp in (("text", fp_text), ("codes", fp_codes)):
-            sig = None if fp is None else np.asarray(fp, dtype=np.uint32)
+            sig = signature(fp)
             self.sigs[kind].append(sig)
-            if sig is not None and len(sig) == MINHASH_PERMUTATIONS:
-                for b, band in enumerate(self._bands(sig)):
-                    self.buckets.setdefault((kind, b, band), []).append(i)
+            if sig is not None:
+                for h in _band_hashes(sig).tolist():
+                    self._recent[kind].setdefault(h, []).append(i)
         if hash_:
             self.exact.setdefault(hash_, i)
 
@@ -362,25 +402,49 @@ class DuplicateIndex:
         if row.get("fp_text") is not None or row.get("fp_codes") is not None or row.get("audio_hash"):
             self.add(row["key"], row["recording_id"], row.get("fp_text"), row.get("fp_codes"), row.get("audio_hash"))
 
+    def freeze(self) -> None:
+        """Move the band tables into sorted arrays (after loading a dataset's index)."""
+        for kind in self.KINDS:
+            hashes, owners = self._frozen[kind]
+            recent = self._recent[kind]
+            if not recent:
+                continue
+            new_h = np.fromiter((h for h, ids in recent.items() for _ in ids), np.uint64)
+            new_o = np.fromiter((i for ids in recent.values() for i in ids), np.int64)
+            hashes, owners = np.concatenate([hashes, new_h]), np.concatenate([owners, new_o])
+            order = np.argsort(hashes, kind="stable")
+            self._frozen[kind] = (hashes[order], owners[order])
+            self._recent[kind] = {}
+
+    def _candidates(self, kind: str, sig: np.ndarray) -> set[int]:
+        bands = _band_hashes(sig)
+        hashes, owners = self._frozen[kind]
+        found: set[int] = set()
+        if len(hashes):
+            lo, hi = np.searchsorted(hashes, bands, "left"), np.searchsorted(hashes, bands, "right")
+            for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+                found.update(owners[a:b].tolist())
+        for h in bands.tolist():
+            found.update(self._recent[kind].get(h, ()))
+        return found
+
     def query(self, recording_id: str, fp_text: Any = None, fp_codes: Any = None,
               hash_: str | None = None) -> dict[str, tuple[float, str]]:
         """The most similar window of another recording, per kind: {"exact"|"text"|"codes": (similarity, key)}."""
         found: dict[str, tuple[float, str]] = {}
-        if hash_ and hash_ in self.exact and self.keys[self.exact[hash_]][1] != recording_id:
-            found["exact"] = (1.0, self.keys[self.exact[hash_]][0])
+        if hash_ and hash_ in self.exact and self.recordings[self.exact[hash_]] != recording_id:
+            found["exact"] = (1.0, self.keys[self.exact[hash_]])
         for kind, fp in (("text", fp_text), ("codes", fp_codes)):
-            if fp is None:
+            sig = signature(fp)
+            if sig is None:
                 continue
-            sig = np.asarray(fp, dtype=np.uint32)
-            candidates = {i for b, band in enumerate(self._bands(sig)) for i in self.buckets.get((kind, b, band), [])}
             best: tuple[float, str] | None = None
-            for i in candidates:
-                key, rec = self.keys[i]
-                if rec == recording_id:
+            for i in self._candidates(kind, sig):
+                if self.recordings[i] == recording_id:
                     continue
                 s = similarity(sig, self.sigs[kind][i])
                 if best is None or s > best[0]:
-                    best = (s, key)
+                    best = (s, self.keys[i])
             if best is not None:
                 found[kind] = best
         return found

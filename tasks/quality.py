@@ -262,7 +262,7 @@ def duplicate_of(fp: dict[str, Any], recording_id: str, index: m.DuplicateIndex 
     if index is None or not len(index):
         return None
     found = index.query(recording_id, fp.get("fp_text"), fp.get("fp_codes"), fp.get("audio_hash"))
-    if "exact" in found:
+    if "exact" in found and cfg.duplicate_audio_similarity is not None:
         return f"same Mimi codes as {found['exact'][1]}", 1.0, 1.0
     for kind, limit in (("codes", cfg.duplicate_audio_similarity), ("text", cfg.duplicate_text_similarity)):
         if limit is not None and kind in found and found[kind][0] >= limit:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from schemas.config import ShardConfig
 from schemas.records import Reject, Window
-from tasks.metrics import RECORDING_METRICS, WINDOW_METRICS, DuplicateIndex
+from tasks.metrics import RECORDING_METRICS, WINDOW_METRICS, DuplicateIndex, signature_bytes
 
 SCHEMA_VERSION = 1
 NUM_CODEBOOKS = 32
@@ -72,7 +72,8 @@ def index_row(window: Window, shard: str) -> dict[str, Any]:
         "language": window.extra.get("language"),
         **{k: window.extra.get("metrics", {}).get(k) for k in WINDOW_METRICS},
         "turn_seconds": [t.end - t.start for t in window.turns],
-        **{k: window.extra.get("fingerprint", {}).get(k) for k in ("fp_text", "fp_codes", "audio_hash")},
+        **{k: signature_bytes(window.extra.get("fingerprint", {}).get(k)) for k in ("fp_text", "fp_codes")},
+        "audio_hash": window.extra.get("fingerprint", {}).get("audio_hash"),
     }
 
 
@@ -132,6 +133,7 @@ class DatasetWriter:
         self.dedupe = DuplicateIndex()  # the dataset's windows, earlier runs included: duplicates are rejected
         for row in self.previous["index"]:
             self.dedupe.add_row(row)
+        self.dedupe.freeze()
         self._seen = {r["recording_id"] for r in self.previous["recordings"]} | {
             r["guid"] for r in self.previous["recordings"] if r.get("guid")}
         self._writer = wds.ShardWriter(str(self.staging / "shards" / "shard-%06d.tar"), maxcount=cfg.max_samples,
@@ -252,8 +254,8 @@ INDEX_SCHEMA = pa.schema([
     ("frames", pa.int32()), *[(f, pa.string()) for f in SOURCE_META],
     # added with the quality metrics (additive: older datasets read them as null)
     ("language", pa.string()), *[(k, pa.float64()) for k in WINDOW_METRICS],
-    ("turn_seconds", pa.list_(pa.float64())), ("fp_text", pa.list_(pa.uint32())),
-    ("fp_codes", pa.list_(pa.uint32())), ("audio_hash", pa.string()),
+    ("turn_seconds", pa.list_(pa.float64())), ("fp_text", pa.binary()), ("fp_codes", pa.binary()),
+    ("audio_hash", pa.string()),
 ])
 REJECT_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("level", pa.string()),

@@ -48,7 +48,12 @@ class FetchConfig(BaseModel):
 
 
 class FetchError(Exception):
-    """A remote source could not be fetched within the bounds (or is not allowed); the message says why."""
+    """A remote source could not be fetched within the bounds (or is not allowed); the message says why.
+    `transient`: worth retrying (network error, timeout, HTTP 5xx or 429), unlike a 404 or a size limit."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass
@@ -115,7 +120,8 @@ def _http_stream(url: str, write: Callable[[bytes], None], max_bytes: int, timeo
                         check_scheme(url, allowed)  # e.g. no redirect to file:// or ftp://
                         continue
                     if r.status_code != 200:
-                        raise FetchError(f"{url}: HTTP {r.status_code}")
+                        raise FetchError(f"{url}: HTTP {r.status_code}",
+                                         transient=r.status_code >= 500 or r.status_code in (408, 429))
                     declared = r.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > max_bytes:
                         raise FetchError(f"{url}: {declared} bytes > limit {max_bytes}")
@@ -125,12 +131,13 @@ def _http_stream(url: str, write: Callable[[bytes], None], max_bytes: int, timeo
                         if got > max_bytes:
                             raise FetchError(f"{url}: more than {max_bytes} bytes")
                         if time.monotonic() > deadline:
-                            raise FetchError(f"{url}: took longer than {timeout_s:g} s")
+                            raise FetchError(f"{url}: took longer than {timeout_s:g} s", transient=True)
                         write(chunk)
                     return dict(r.headers)
             raise FetchError(f"{url}: too many redirects")
-    except httpx.HTTPError as exc:
-        raise FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    except httpx.HTTPError as exc:  # connection refused/reset, DNS, read stall...
+        raise FetchError(f"{url}: {type(exc).__name__}: {exc}",
+                         transient=not isinstance(exc, httpx.UnsupportedProtocol)) from exc
 
 
 def fetch_bytes(url: str, max_bytes: int, timeout_s: float, connect_timeout_s: float = 20.0,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_stack import podcast_run, prefect_stack  # noqa: F401 - session fixtures: a real Prefect stack
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,6 +28,8 @@ def prefect_home(tmp_path_factory) -> dict[str, str]:
     """Environment for a subprocess that runs flows on the embedded default: local Prefect with SQLite."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    # a loaded 2-core machine can take longer than the default 20 s to start the embedded server
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     return env
 
 

@@ -92,8 +92,11 @@ def test_downloads_are_bounded(tmp_path: Path) -> None:
             download(f"{base}/huge", tmp_path / "c", small)
         with pytest.raises(FetchError, match="more than"):  # no Content-Length: counted while reading
             download(f"{base}/nolength?n=50000", tmp_path / "c", small)
-        with pytest.raises(FetchError, match="longer than"):  # a server that drips for ever
+        with pytest.raises(FetchError, match="longer than") as slow:  # a server that drips for ever
             download(f"{base}/slow", tmp_path / "c", small)
+        with pytest.raises(FetchError, match="HTTP 404") as missing:
+            download(f"{base}/missing.mp3", tmp_path / "c", small)
+        assert slow.value.transient and not missing.value.transient  # only the first is worth a retry
         assert fetch_bytes(f"{base}/nolength?n=500", 1000, 5.0) == b"\0" * 500
         assert not list((tmp_path / "c").glob("*"))  # nothing half-written left behind
 

@@ -1,0 +1,76 @@
+"""The Prefect UI in a real browser (Debian's chromium through playwright): find ingest/podcasts, start a
+custom run from its form with a feed URL, watch the run reach Completed. Screenshots of every step go to
+tests/artifacts/ui/ (ignored by git)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent / "artifacts" / "ui"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} missing (make sysdeps installs Debian's chromium)")
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    SHOTS.mkdir(parents=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(30_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def test_custom_run_from_the_deployment_form(prefect_stack, podcast_run, page) -> None:
+    from playwright.sync_api import expect
+
+    stack = prefect_stack
+    step = iter(range(1, 100))
+
+    def shot(name: str) -> None:
+        page.screenshot(path=str(SHOTS / f"{next(step):02d}-{name}.png"), full_page=True)
+
+    page.goto(f"{stack.ui}/deployments")
+    expect(page.get_by_role("link", name="podcasts")).to_be_visible()
+    shot("deployments")
+    page.get_by_role("link", name="podcasts").first.click()
+    expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
+    shot("deployment-podcasts")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").first.click()
+    feeds = page.locator(".schema-form-property").filter(
+        has=page.locator(".schema-form-property__label", has_text=re.compile(r"^feeds")))
+    feeds.get_by_role("button", name="Add item").click()
+    feeds.locator("textarea").fill(stack.feed_url)
+    shot("custom-run-form")
+    page.get_by_role("button", name="Submit").click()
+    toast = page.locator(".toast-flow-run-create__message--emphasized").first
+    expect(toast).to_be_visible()
+    run_name = toast.inner_text().strip()
+    shot("run-created")
+    page.get_by_role("link", name=run_name, exact=True).first.click()
+    page.wait_for_url(re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
+    run_id = page.url.rstrip("/").split("/")[-1]
+    shot("flow-run")
+    state = page.locator(".page-heading-flow-run__meta .state-badge")
+    expect(state).to_have_text("Completed", timeout=300_000)
+    shot("flow-run-completed")
+
+    run = stack.get(f"/flow_runs/{run_id}")
+    assert run["name"] == run_name and run["state_type"] == "COMPLETED"
+    assert run["parameters"]["feeds"] == [stack.feed_url] and run["parameters"]["dataset"] == "podcasts"
+    assert len(list(SHOTS.glob("*.png"))) == 6
