@@ -170,10 +170,10 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
         transcript = cache.record("asr", rid, asr_key, lambda: retried(transcribe)(audio.audio16, models), Transcript)
         result.language = transcript.language
         result.metrics["language_probability"] = transcript.language_probability
-        if transcript.segments:  # not a language this dataset keeps: no aligner needed
+        if transcript.segments:  # (with no speech the detected language means nothing)
             result.rejects = quality.check_language(rid, source, transcript.language,
                                                     transcript.language_probability, audio.duration, cfg.quality)
-            if result.rejects:
+            if result.rejects:  # not a language this dataset keeps: no aligner needed
                 lap("done")
                 return result
         lap("align")

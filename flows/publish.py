@@ -73,6 +73,9 @@ def publish_run(summary: dict[str, Any], dataset: str, dataset_dir: str | Path) 
                              key=artifact_key(dataset, "manifest"),
                              description=f"manifest.json of dataset `{dataset}` ({summary.get('dataset_shards', 0)} "
                              f"shards, {summary.get('shards', 0)} new in this run)")
+        from tasks.report import publish_report_artifacts
+
+        publish_report_artifacts(Path(manifest).parent)  # rebuilds <dataset>/report/ (HTML + plots) first
     if not summary.get("shards"):
         logger.info("no new shards: no %s event", SHARDS_READY)
         return None

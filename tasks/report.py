@@ -294,9 +294,10 @@ def markdown(s: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
-def publish_report_artifacts(dataset_dir: str | Path) -> dict[str, Any]:
-    """Publish the report as Prefect artifacts (a markdown summary, a table of hours by reason, and a link to
-    report/index.html, built if missing). Call it inside a flow run; returns the summary."""
+def publish_report_artifacts(dataset_dir: str | Path, build: bool = True) -> dict[str, Any]:
+    """Publish the report as Prefect artifacts: a markdown summary, a table of seconds by reason, and a link
+    to report/index.html (rebuilt first unless `build` is False and it exists). Call it inside a flow run;
+    returns the summary."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     root = Path(dataset_dir)
@@ -304,7 +305,7 @@ def publish_report_artifacts(dataset_dir: str | Path) -> dict[str, Any]:
     s = summarize(tables)
     name = tables["manifest"].get("dataset", root.name)
     page = root / REPORT_DIR / "index.html"
-    if not page.exists():
+    if build or not page.exists():
         page = build_report(root)
     create_markdown_artifact(markdown=markdown(s, name), key=_artifact_key(name, "report"),
                              description=f"dataset `{name}`: hours kept and rejected by rule")

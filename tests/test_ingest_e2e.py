@@ -18,7 +18,9 @@ def test_dataset_meets_contract(ingest_run) -> None:
     root = ingest_run["dir"]
     counts = verify_dataset(root)
     assert counts["samples"] > 0
-    assert sorted(p.name for p in root.iterdir() if p.name != ".lock") == ["index.parquet", "manifest.json", "recordings.parquet", "rejects.parquet", "shards"]
+    assert sorted(p.name for p in root.iterdir() if p.name != ".lock") == [
+        "index.parquet", "manifest.json", "recordings.parquet", "rejects.parquet", "report", "shards"]
+    assert (root / "report" / "index.html").exists()
     for entry in ingest_run["manifest"]["shards"]:
         assert re.fullmatch(r"shards/shard-\d{6}\.tar", entry["path"])
         assert sha256_file(root / entry["path"]) == entry["sha256"]
