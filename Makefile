@@ -9,7 +9,7 @@ DEBIAN_PACKAGES := ffmpeg espeak-ng chromium
 OFFLINE_MODELS ?= models/offline
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps demo test test-fast lint lock models-offline clean serve stop
+.PHONY: setup sysdeps demo test test-fast bench lint lock models-offline clean serve stop
 
 setup: sysdeps $(VENV)/.installed
 
@@ -53,6 +53,9 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
