@@ -56,9 +56,6 @@ def decode(path: str | Path, sample_rate: int) -> np.ndarray:
         raise DecodeError(f"{path}: decoded to no samples")
     if not np.isfinite(audio).all():
         raise DecodeError(f"{path}: audio holds NaN or Inf samples")
-    peak = float(np.abs(audio).max())
-    if peak > 1.0:  # ffmpeg's downmix of many channels sums them: bring it back to full scale
-        audio = audio / peak
     return audio
 
 
