@@ -151,7 +151,10 @@ def prefect_stack(tmp_path_factory, request) -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(base / "home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
-               CSM_INGEST_CONFIG=str(base / "ingest.yaml"))
+               CSM_INGEST_CONFIG=str(base / "ingest.yaml"),
+               # SQLite serialises writes; on a loaded 2-core machine a write can wait longer than the default
+               # 10 s (workers' heartbeats, task runs of two flows): give the server more patience
+               PREFECT_SERVER_DATABASE_TIMEOUT="60", PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30")
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> None:
