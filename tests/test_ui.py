@@ -5,8 +5,8 @@ tests/artifacts/ui/ (ignored by git)."""
 from __future__ import annotations
 
 import re
-import time
 import shutil
+import time
 from pathlib import Path
 
 import pytest
