@@ -45,6 +45,9 @@ class FetchConfig(BaseModel):
         None, ge=1, description="Per feed, ingest at most this many not-yet-ingested episodes (newest first).")
     keep_downloads: bool = Field(False, description="Keep downloaded files in the cache after a successful run.")
     parallel_downloads: int = Field(4, ge=1, le=32, description="Downloads in flight at once.")
+    allow_private_redirects: bool = Field(
+        False, description="Follow a redirect from a public host to a private, loopback or link-local address "
+        "(off: a feed's server cannot steer downloads into your network).")
 
 
 class FetchError(Exception):
@@ -101,8 +104,31 @@ def _atomic_fill(dest: Path, fill: Callable[[io.BufferedWriter], None]) -> Path:
     return dest
 
 
+def is_private_host(url: str) -> bool:
+    """Does the URL's host resolve to a private, loopback, link-local or reserved address?"""
+    import ipaddress
+    import socket
+
+    host = urlparse(url).hostname or ""
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(a[4][0]) for a in socket.getaddrinfo(host, None)]
+        except OSError:
+            return False  # unresolvable: the request itself will fail and say so
+    return any(a.is_private or a.is_loopback or a.is_link_local or a.is_reserved for a in addresses)
+
+
+def check_redirect(origin: str, target: str, allow_private: bool = False) -> None:
+    """A redirect may not lead from a public host into a private network unless allowed."""
+    if not allow_private and is_private_host(target) and not is_private_host(origin):
+        raise FetchError(f"{origin}: redirect to private address {target} refused (allow_private_redirects is off)")
+
+
 def _http_stream(url: str, write: Callable[[bytes], None], max_bytes: int, timeout_s: float,
-                 connect_timeout_s: float = 20.0, allowed: tuple[str, ...] = HTTP_SCHEMES) -> dict[str, str]:
+                 connect_timeout_s: float = 20.0, allowed: tuple[str, ...] = HTTP_SCHEMES,
+                 allow_private_redirects: bool = False) -> dict[str, str]:
     """GET `url` into `write`, at most `max_bytes` and `timeout_s` in all; redirects (at most 5) must stay on an
     allowed scheme. Returns the response headers."""
     import httpx
@@ -116,8 +142,9 @@ def _http_stream(url: str, write: Callable[[bytes], None], max_bytes: int, timeo
             for _ in range(6):
                 with client.stream("GET", url) as r:
                     if r.is_redirect and "location" in r.headers:
-                        url = str(r.url.join(r.headers["location"]))
+                        origin, url = url, str(r.url.join(r.headers["location"]))
                         check_scheme(url, allowed)  # e.g. no redirect to file:// or ftp://
+                        check_redirect(origin, url, allow_private_redirects)
                         continue
                     if r.status_code != 200:
                         raise FetchError(f"{url}: HTTP {r.status_code}",
@@ -157,7 +184,7 @@ def download(url: str, cache_dir: str | Path, cfg: FetchConfig | None = None, su
     if dest.exists():
         return dest
     return _atomic_fill(dest, lambda f: _http_stream(url, f.write, cfg.max_bytes, cfg.timeout_s,
-                                                     cfg.connect_timeout_s, allowed))
+                                                     cfg.connect_timeout_s, allowed, cfg.allow_private_redirects))
 
 
 def copy_fsspec(uri: str, cache_dir: str | Path, cfg: FetchConfig | None = None) -> Path:

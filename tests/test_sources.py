@@ -8,6 +8,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tasks.sources import FetchConfig, resolve_sources
 from tests.httpserve import serve
@@ -75,3 +76,15 @@ def test_csv_and_parquet_manifests(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("path\na.wav\n")
     r = resolve_sources([str(tmp_path / "bad.csv"), str(audio / "a.wav")], tmp_path / "cache")
     assert len(r.sources) == 1 and "uri" in r.failures[0][1]
+
+
+def test_redirect_from_public_host_into_private_network_is_refused() -> None:
+    from tasks.sources import FetchError, check_redirect, is_private_host
+
+    assert is_private_host("http://127.0.0.1:8000/a") and is_private_host("http://10.1.2.3/")
+    assert not is_private_host("http://93.184.216.34/feed.xml")
+    with pytest.raises(FetchError, match="redirect to private address"):
+        check_redirect("http://93.184.216.34/ep.mp3", "http://169.254.169.254/latest/meta-data")
+    check_redirect("http://93.184.216.34/ep.mp3", "http://169.254.169.254/x", allow_private=True)
+    check_redirect("http://127.0.0.1:8000/ep.mp3", "http://127.0.0.1:8000/real.mp3")  # a local server you chose
+    check_redirect("http://93.184.216.34/ep.mp3", "http://93.184.216.35/cdn.mp3")
