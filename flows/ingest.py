@@ -140,7 +140,7 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
     cfg = models.cfg
     cache = cache or StageCache(None)
     path, source = item.path, item.uri
-    result = RecordingResult(recording_id=rec_id or _safe_id(path), source=item)
+    result = RecordingResult(recording_id=rec_id or decode_mod.name_slug(path), source=item)
     rid = result.recording_id
     info = describe_models(cfg)
     asr_key = [cfg.decode.asr_sample_rate, cfg.asr.model_dump(), info["asr"]]
@@ -372,10 +372,5 @@ def _content_id(path: str) -> str:
     try:
         return decode_mod.recording_id(path)
     except OSError:  # unreadable: decode will say why, under a name-based id
-        return _safe_id(path)
+        return decode_mod.name_slug(path)
 
-
-def _safe_id(path: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9-]+", "-", Path(path).stem).strip("-")[:48] or "rec"

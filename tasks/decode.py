@@ -78,8 +78,12 @@ def recording_id(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-    slug = re.sub(r"[^A-Za-z0-9-]+", "-", Path(path).stem).strip("-")[:48] or "rec"
-    return f"{slug}-{digest.hexdigest()[:12]}"
+    return f"{name_slug(path)}-{digest.hexdigest()[:12]}"
+
+
+def name_slug(path: str | Path) -> str:
+    """The file name as a key-safe slug: letters, digits and dashes only (no dots, no spaces)."""
+    return re.sub(r"[^A-Za-z0-9-]+", "-", Path(path).stem).strip("-")[:48] or "rec"
 
 
 def _last_line(text: str) -> str:
