@@ -344,9 +344,6 @@ def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
 def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall: float,
               skipped: int) -> dict[str, Any]:
     """This run's figures (the manifest's `counts` are the whole dataset's)."""
-    by_reason: dict[str, float] = defaultdict(float)
-    for r in writer.rejects:
-        by_reason[f"{r.stage}:{r.rule or 'error'}"] += r.seconds / 3600
     stage_s: dict[str, float] = defaultdict(float)
     for r in results:
         for k, v in r.seconds.items():
@@ -358,7 +355,7 @@ def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall
         "recordings_failed": sum(1 for r in results if r.failed),
         "hours_in": seconds_in / 3600,
         "hours_kept": sum(w.duration for r in results for w in r.windows) / 3600,
-        "hours_rejected_by_reason": dict(by_reason),
+        "hours_rejected_by_reason": shards.hours_by_reason([r.model_dump() for r in writer.rejects]),
         "windows": sum(len(r.windows) for r in results),
         "turns": sum(len(w.turns) for r in results for w in r.windows),
         "rejects": len(writer.rejects),

@@ -7,7 +7,6 @@ shards: a run that kept nothing new trains nothing.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,14 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from tasks import report
+
 SHARDS_READY = "shards.ready"
 
 
 def artifact_key(dataset: str, what: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"ingest-{dataset}-{what}".lower()).strip("-")
+    """Keys of the run artifacts: `ingest-<dataset>-<what>`."""
+    return report.artifact_key(dataset, what, prefix="ingest")
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -73,9 +74,7 @@ def publish_run(summary: dict[str, Any], dataset: str, dataset_dir: str | Path) 
                              key=artifact_key(dataset, "manifest"),
                              description=f"manifest.json of dataset `{dataset}` ({summary.get('dataset_shards', 0)} "
                              f"shards, {summary.get('shards', 0)} new in this run)")
-        from tasks.report import publish_report_artifacts
-
-        publish_report_artifacts(Path(manifest).parent)  # rebuilds <dataset>/report/ (HTML + plots) first
+        report.publish_report_artifacts(Path(manifest).parent)  # rebuilds <dataset>/report/ (HTML + plots) first
     if not summary.get("shards"):
         logger.info("no new shards: no %s event", SHARDS_READY)
         return None

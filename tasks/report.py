@@ -281,8 +281,9 @@ Every second of input is kept or rejected once: kept + rejected = in.</p>
 # ---------------------------------------------------------------------------------------------- Prefect
 
 
-def _artifact_key(dataset: str, what: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"dataset-{dataset}-{what}".lower()).strip("-")
+def artifact_key(dataset: str, what: str, prefix: str = "dataset") -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{prefix}-{dataset}-{what}".lower()).strip("-")
 
 
 def markdown(s: dict[str, Any], name: str) -> str:
@@ -307,13 +308,13 @@ def publish_report_artifacts(dataset_dir: str | Path, build: bool = True) -> dic
     page = root / REPORT_DIR / "index.html"
     if build or not page.exists():
         page = build_report(root)
-    create_markdown_artifact(markdown=markdown(s, name), key=_artifact_key(name, "report"),
+    create_markdown_artifact(markdown=markdown(s, name), key=artifact_key(name, "report"),
                              description=f"dataset `{name}`: hours kept and rejected by rule")
     create_table_artifact(
         table=[{"reason": "kept", "level": "", "seconds": round(s["seconds_kept"], 3), "rows": s["windows"]}]
         + [{"reason": k, "level": s["level_by_reason"].get(k, ""), "seconds": round(v, 3),
             "rows": s["rejects_by_reason"][k]} for k, v in s["rejected_by_reason"].items()],
-        key=_artifact_key(name, "hours-by-rule"), description=f"dataset `{name}`: seconds kept and rejected by rule")
+        key=artifact_key(name, "hours-by-rule"), description=f"dataset `{name}`: seconds kept and rejected by rule")
     create_link_artifact(link=page.resolve().as_uri(), link_text=f"{name}: report/index.html",
-                         key=_artifact_key(name, "report-page"), description=f"dataset `{name}`: the HTML report")
+                         key=artifact_key(name, "report-page"), description=f"dataset `{name}`: the HTML report")
     return s

@@ -229,18 +229,23 @@ class DatasetWriter:
         self._lock.close()
 
 
-def dataset_counts(index: list[dict], rejects: list[dict], recordings: list[dict]) -> dict[str, Any]:
-    """The dataset's totals, from its tables (so they stay right as runs add to it)."""
+def hours_by_reason(rejects: list[dict]) -> dict[str, float]:
+    """Hours rejected per `stage:rule`, from rejects rows."""
     by_reason: dict[str, float] = {}
     for r in rejects:
         key = f"{r['stage']}:{r['rule'] or 'error'}"
         by_reason[key] = by_reason.get(key, 0.0) + (r["seconds"] or 0.0) / 3600
+    return by_reason
+
+
+def dataset_counts(index: list[dict], rejects: list[dict], recordings: list[dict]) -> dict[str, Any]:
+    """The dataset's totals, from its tables (so they stay right as runs add to it)."""
     return {
         "recordings": len(recordings),
         "recordings_failed": sum(1 for r in recordings if r["status"] == "failed"),
         "hours_in": sum(r["duration"] or 0.0 for r in recordings) / 3600,
         "hours_kept": sum(r["duration"] for r in index) / 3600,
-        "hours_rejected_by_reason": by_reason,
+        "hours_rejected_by_reason": hours_by_reason(rejects),
         "windows": len(index),
         "turns": sum(r["n_turns"] for r in index),
         "rejects": len(rejects),
