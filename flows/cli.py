@@ -1,4 +1,4 @@
-"""`csm-dataprep` command line: ingest, models, train.
+"""`csm-dataprep` command line: ingest, verify, report, refilter, models, workers, train.
 
 Heavy imports stay inside the commands so `--help` is instant.
 """
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("ingest", help="audio files, folders or globs -> CSM WebDataset shards")
     p.add_argument("sources", nargs="+", help="audio file, folder or glob")
-    p.add_argument("--out", help="output root (default: config's out)")
+    p.add_argument("--out", help="output root, a folder or an fsspec URL such as s3://bucket/datasets "
+                   "(default: config's out)")
     p.add_argument("--dataset", help="dataset name (default: config's dataset)")
     p.add_argument("--config", type=Path, help="ingest config YAML (e.g. DIR/config.yaml from `models offline`)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_ingest)
 
     v = sub.add_parser("verify", help="check a dataset's shards against its manifest and the sample contract")
-    v.add_argument("dataset_dir", type=Path)
+    v.add_argument("dataset_dir", help="dataset folder or fsspec URL (s3://bucket/datasets/NAME)")
     v.set_defaults(run=_verify)
 
     rp = sub.add_parser("report", help="rebuild DATASET_DIR/report/ (HTML page, PNG plots) from the dataset's tables")
@@ -55,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     off.set_defaults(run=_models_offline)
     hub = msub.add_parser("hub", help="exit 0 if the model hub is reachable, 1 if not")
     hub.set_defaults(run=_models_hub)
+
+    wk = sub.add_parser("workers", help="this node's Prefect workers for POOL: one process per GPU, each running "
+                        "one flow run at a time on its own GPU")
+    wk.add_argument("--pool", required=True, help="work pool (prefect.yaml: csm-gpu for partitions)")
+    wk.add_argument("--gpus", default="auto", help="comma-separated GPU indices, `auto` (nvidia-smi) or `none`")
+    wk.add_argument("--processes", type=int, help="worker processes (default: one per GPU; GPUs are shared "
+                    "round-robin if more)")
+    wk.add_argument("--name", help="worker name prefix (default: the host name)")
+    wk.set_defaults(run=_workers)
 
     t = sub.add_parser("train", help="train CSM on a dataset's shards")
     t.add_argument("--manifest", required=True, help="manifest.json path or fsspec URI")
@@ -100,6 +110,12 @@ def print_summary(s: dict) -> None:
     table.add_row("untrained models", ", ".join(s["untrained_models"]) or "none: all weights real")
     table.add_row("manifest", s["manifest"])
     Console(stderr=False).print(table)
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from flows.workers import run_workers
+
+    return run_workers(args.pool, args.processes, args.gpus, args.name)
 
 
 def _verify(args: argparse.Namespace) -> int:

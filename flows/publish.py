@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from tasks import report
+from tasks import report, storage
 
 SHARDS_READY = "shards.ready"
 
@@ -62,23 +62,26 @@ def verify(dataset_dir: str) -> dict[str, Any]:
     return verify_dataset(dataset_dir)
 
 
-def publish_run(summary: dict[str, Any], dataset: str, dataset_dir: str | Path) -> dict[str, Any] | None:
-    """Verify the dataset if the run added shards, publish the artifacts, then emit `shards.ready`.
-    Returns the event's payload, or None when nothing was announced."""
+def publish_run(summary: dict[str, Any], dataset: str, dataset_dir: str | Path,
+                verified: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Verify the dataset if the run added shards (unless its parts were `verified` already: a fan-out),
+    publish the artifacts, then emit `shards.ready`. Returns the event's payload, or None when nothing was
+    announced."""
     logger = get_run_logger()
     create_table_artifact(table=summary_rows(summary), key=artifact_key(dataset, "summary"),
                           description=f"ingest run into dataset `{dataset}`: this run's figures")
     manifest = summary.get("manifest")
-    if manifest and Path(manifest).exists():
-        create_link_artifact(link=Path(manifest).resolve().as_uri(), link_text=f"{dataset}: {manifest}",
+    if manifest and storage.exists(manifest):
+        link = manifest if storage.is_remote(manifest) else Path(manifest).resolve().as_uri()
+        create_link_artifact(link=link, link_text=f"{dataset}: {manifest}",
                              key=artifact_key(dataset, "manifest"),
                              description=f"manifest.json of dataset `{dataset}` ({summary.get('dataset_shards', 0)} "
                              f"shards, {summary.get('shards', 0)} new in this run)")
-        report.publish_report_artifacts(Path(manifest).parent)  # rebuilds <dataset>/report/ (HTML + plots) first
+        report.publish_report_artifacts(storage.parent(manifest))  # rebuilds <dataset>/report/ (HTML + plots) first
     if not summary.get("shards"):
         logger.info("no new shards: no %s event", SHARDS_READY)
         return None
-    counts = verify(str(dataset_dir))
+    counts = verified or verify(str(dataset_dir))
     logger.info("dataset %s verified: %d shards, %d samples", dataset, counts["shards"], counts["samples"])
     payload = {"manifest": str(manifest), "dataset": dataset, "new_shards": summary["shards"],
                "samples": counts["samples"], "hours_kept": summary.get("hours_kept", 0.0)}

@@ -117,13 +117,11 @@ def fetch_feed(url: str, cfg: FetchConfig | None = None) -> list[Episode]:
 def ingested_keys(dataset_dir: str | Path) -> set[str]:
     """Recording ids and episode GUIDs already in a published dataset (what DatasetWriter.seen answers), read
     without taking the dataset's lock, so a run skips known episodes before downloading them."""
-    import pyarrow.parquet as pq
+    from tasks import storage
 
-    root = Path(dataset_dir)
-    path = root / "recordings.parquet"
-    if not (root / "manifest.json").exists() or not path.exists():
+    if not storage.exists(storage.join(dataset_dir, "manifest.json")):
         return set()
-    rows = pq.read_table(path, columns=["recording_id", "guid"]).to_pylist()
+    rows = storage.read_parquet(storage.join(dataset_dir, "recordings.parquet"), columns=["recording_id", "guid"])
     return {r["recording_id"] for r in rows} | {r["guid"] for r in rows if r.get("guid")}
 
 

@@ -17,9 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from tasks import quality
+from tasks import quality, storage
 from tasks.metrics import WINDOW_METRICS
 
 REPORT_DIR = "report"
@@ -35,14 +33,12 @@ METRIC_LABELS = {
 }
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist() if path.exists() else []
-
-
 def load_tables(dataset_dir: str | Path) -> dict[str, Any]:
-    root = Path(dataset_dir)
-    manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
-    return {"manifest": manifest, **{t: _read(root / f"{t}.parquet") for t in ("index", "rejects", "recordings")}}
+    """The manifest and the three tables of a dataset (a local folder or an fsspec URL)."""
+    manifest_url = storage.join(dataset_dir, "manifest.json")
+    manifest = storage.read_json(manifest_url) if storage.exists(manifest_url) else {}
+    return {"manifest": manifest, **{t: storage.read_parquet(storage.join(dataset_dir, f"{t}.parquet"))
+                                     for t in ("index", "rejects", "recordings")}}
 
 
 def kept_seconds(row: dict[str, Any]) -> float:
@@ -184,9 +180,10 @@ def _plot_hist(values: list[float], title: str, xlabel: str, path: Path, line: f
 
 def build_report(dataset_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `report/index.html` and its PNGs for a dataset, from its tables alone; returns the page's path."""
-    root = Path(dataset_dir)
-    tables = load_tables(root)
-    out = Path(out_dir) if out_dir else root / REPORT_DIR
+    tables = load_tables(dataset_dir)
+    if out_dir is None and storage.is_remote(dataset_dir):
+        raise ValueError(f"{dataset_dir}: give a local out_dir for the report of a dataset on an object store")
+    out = Path(out_dir) if out_dir else storage.local_path(dataset_dir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
@@ -301,13 +298,22 @@ def publish_report_artifacts(dataset_dir: str | Path, build: bool = True) -> dic
     returns the summary."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    root = Path(dataset_dir)
-    tables = load_tables(root)
+    tables = load_tables(dataset_dir)
     s = summarize(tables)
-    name = tables["manifest"].get("dataset", root.name)
-    page = root / REPORT_DIR / "index.html"
-    if build or not page.exists():
-        page = build_report(root)
+    name = tables["manifest"].get("dataset", str(dataset_dir).rstrip("/").rsplit("/", 1)[-1])
+    if storage.is_remote(dataset_dir):  # built on local disk, then uploaded next to the dataset
+        import tempfile
+
+        local = Path(tempfile.mkdtemp(prefix="csm-report-"))
+        build_report(dataset_dir, local)
+        for f in sorted(local.iterdir()):
+            storage.put(f, storage.join(dataset_dir, REPORT_DIR, f.name))
+        link = storage.join(dataset_dir, REPORT_DIR, "index.html")
+    else:
+        page = storage.local_path(dataset_dir) / REPORT_DIR / "index.html"
+        if build or not page.exists():
+            page = build_report(dataset_dir)
+        link = page.resolve().as_uri()
     create_markdown_artifact(markdown=markdown(s, name), key=artifact_key(name, "report"),
                              description=f"dataset `{name}`: hours kept and rejected by rule")
     create_table_artifact(
@@ -315,6 +321,6 @@ def publish_report_artifacts(dataset_dir: str | Path, build: bool = True) -> dic
         + [{"reason": k, "level": s["level_by_reason"].get(k, ""), "seconds": round(v, 3),
             "rows": s["rejects_by_reason"][k]} for k, v in s["rejected_by_reason"].items()],
         key=artifact_key(name, "hours-by-rule"), description=f"dataset `{name}`: seconds kept and rejected by rule")
-    create_link_artifact(link=page.resolve().as_uri(), link_text=f"{name}: report/index.html",
+    create_link_artifact(link=link, link_text=f"{name}: report/index.html",
                          key=artifact_key(name, "report-page"), description=f"dataset `{name}`: the HTML report")
     return s

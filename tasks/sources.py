@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, Field
@@ -248,9 +249,10 @@ def is_manifest(uri: str) -> bool:
     return Path(urlparse(uri).path if scheme_of(uri) else uri).suffix.lower() in MANIFEST_SUFFIXES
 
 
-def read_manifest(uri: str) -> list[dict[str, str]]:
+def read_manifest(uri: str, keep_duration: bool = False) -> list[dict[str, Any]]:
     """Rows of a .csv or .parquet source list: a `uri` column (required) and optional feed, title, published,
-    guid, url columns kept as metadata. A relative `uri` is relative to the manifest's folder."""
+    guid, url columns kept as metadata. A relative `uri` is relative to the manifest's folder. With
+    `keep_duration`, an optional `duration` column (seconds) is kept as a float (fan-out plans by hours)."""
     import fsspec
 
     suffix = Path(urlparse(uri).path if scheme_of(uri) else uri).suffix.lower()
@@ -272,7 +274,9 @@ def read_manifest(uri: str) -> list[dict[str, str]]:
             continue
         if not scheme_of(target) and not os.path.isabs(target):
             target = posixpath.join(base, target) if scheme_of(uri) else str(Path(base) / target)
-        meta = {k: str(row[k]) for k in META_COLUMNS if row.get(k) not in (None, "")}
+        meta: dict[str, Any] = {k: str(row[k]) for k in META_COLUMNS if row.get(k) not in (None, "")}
+        if keep_duration and row.get("duration") not in (None, ""):
+            meta["duration"] = float(row["duration"])
         out.append({"uri": target, **meta})
     return out
 
@@ -292,7 +296,7 @@ def resolve_sources(sources: list[str], cache_dir: str | Path, cfg: FetchConfig 
         else:
             rows.append({"uri": src})
     for row in rows:
-        uri, meta = row["uri"], {k: v for k, v in row.items() if k != "uri"}
+        uri, meta = row["uri"], {k: v for k, v in row.items() if k not in ("uri", "duration")}
         scheme = scheme_of(uri)
         try:
             if scheme in ("", "file"):

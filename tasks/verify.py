@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.shards import NUM_CODEBOOKS, SCHEMA_VERSION, sha256_file
+from tasks import storage
+from tasks.shards import NUM_CODEBOOKS, SCHEMA_VERSION
 
 TURN_FIELDS = ("speaker", "text", "start", "end", "text_tokens", "frames")
 
@@ -24,10 +25,11 @@ class InvalidDataset(Exception):
 
 
 def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.exists():
+    """The dataset's manifest.json (a local folder or an fsspec URL)."""
+    path = storage.join(dataset_dir, "manifest.json")
+    if not storage.exists(path):
         raise InvalidDataset(f"{dataset_dir}: no manifest.json (not a dataset, or a run that did not finish)")
-    manifest = json.loads(path.read_text())
+    manifest = storage.read_json(path)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise InvalidDataset(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     return manifest
@@ -52,11 +54,17 @@ def check_member_names(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def iter_samples(shard_paths: list[str]) -> Iterator[dict[str, Any]]:
+    """Decoded samples of shards given as paths or fsspec URLs."""
+    import fsspec
     import webdataset as wds
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shard_paths), wds.tarfile_to_samples(), wds.map(check_member_names))
-    for raw in pipeline:
-        yield decode_sample(raw)
+    def streams() -> Iterator[dict[str, Any]]:
+        for url in shard_paths:
+            with fsspec.open(str(url), "rb") as stream:
+                yield {"url": str(url), "stream": stream}
+
+    for raw in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams())):
+        yield decode_sample(check_member_names(raw))
 
 
 def check_sample(s: dict[str, Any], max_positions: int = 2048, frame_rate: float = 12.5) -> list[str]:
@@ -97,27 +105,25 @@ def check_sample(s: dict[str, Any], max_positions: int = 2048, frame_rate: float
 def verify_dataset(dataset_dir: str | Path) -> dict[str, Any]:
     """Check every shard's sha256 against the manifest and every sample against the contract and the index.
     Raises InvalidDataset listing the problems; returns counts when all is well."""
-    import pyarrow.parquet as pq
-
-    root = Path(dataset_dir)
+    root = str(dataset_dir)
     manifest = load_manifest(root)
     max_positions = manifest.get("config", {}).get("windows", {}).get("max_positions", 2048)
     problems: list[str] = []
     for entry in manifest["shards"]:
-        path = root / entry["path"]
+        path = storage.join(root, entry["path"])
         if Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
             problems.append(f"{entry['path']}: shard path must stay inside the dataset")
-        elif not path.exists():
+        elif not storage.exists(path):
             problems.append(f"{path}: listed in the manifest but missing")
-        elif sha256_file(path) != entry["sha256"]:
+        elif storage.sha256(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 does not match the manifest")
     if problems:
         raise InvalidDataset("\n".join(problems))
-    index = pq.read_table(root / "index.parquet").to_pylist()
+    index = storage.read_parquet(storage.join(root, "index.parquet"))
     by_key = {row["key"]: row for row in index}
     seen = 0
     for entry in manifest["shards"]:
-        for s in iter_samples([str(root / entry["path"])]):
+        for s in iter_samples([storage.join(root, entry["path"])]):
             seen += 1
             problems += check_sample(s, max_positions)
             row = by_key.get(s["__key__"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.prefect_stack import podcast_run, prefect_stack  # noqa: F401 - session fixtures: a real Prefect stack
+from tests.s3server import s3  # noqa: F401 - session fixture: an S3-compatible server on loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
 """A real Prefect stack for the deployment and UI tests (session fixtures, imported by conftest.py).
 
 `prefect server start` (SQLite in a temporary PREFECT_HOME, a free port), the process work pools of
-prefect.yaml, `prefect deploy --all` from the repository root, one worker per pool, and a podcast feed of two
+prefect.yaml, `prefect deploy --all` from the repository root, a worker for csm-cpu and two (`csm-dataprep
+workers --processes 2`, as on a 2-GPU node) for csm-gpu, and a podcast feed of two
 short generated episodes served by a local http.server. Workers get CSM_INGEST_CONFIG = the offline model set
 with `out` in a temporary folder; train/csm's `config` is set to a tiny CPU run through the API.
 """
@@ -157,9 +158,9 @@ def prefect_stack(tmp_path_factory, request) -> Iterator[Stack]:
                PREFECT_SERVER_DATABASE_TIMEOUT="60", PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30")
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, *args: str) -> None:
+    def start(name: str, *args: str, program: str = PREFECT) -> None:
         log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - the child holds it
-        procs.append(subprocess.Popen([PREFECT, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen([program, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
 
     try:
@@ -194,8 +195,10 @@ def prefect_stack(tmp_path_factory, request) -> Iterator[Stack]:
                 stack.prefect("work-pool", "create", pool, "--type", "process")
             stack.prefect("--no-prompt", "deploy", "--all")
             set_parameters(api, "train/csm", {"config": tiny_train_config(stack.train_out)})
-            for pool in pools:
-                start(f"worker-{pool}", "worker", "start", "--pool", pool, "--name", f"test-{pool}")
+            start("worker-csm-cpu", "worker", "start", "--pool", "csm-cpu", "--name", "test-csm-cpu")
+            # the GPU pool as a GPU node runs it: one worker process per GPU, one flow run each (here 2, no GPU)
+            start("workers-csm-gpu", "workers", "--pool", "csm-gpu", "--processes", "2", "--gpus", "none",
+                  "--name", "test-gpu", program=str(Path(sys.executable).with_name("csm-dataprep")))
             yield stack
     finally:
         _stop(procs[1:])  # the workers, then the server

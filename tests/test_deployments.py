@@ -20,12 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_prefect_yaml_declares_the_deployments() -> None:
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"podcasts", "files", "csm"}
+    assert set(deps) == {"podcasts", "files", "partition", "csm"}
     for d in deps.values():  # every entrypoint names a real flow function
         path, func = d["entrypoint"].split(":")
         assert f"def {func}(" in (ROOT / path).read_text()
     assert deps["podcasts"]["entrypoint"] == deps["files"]["entrypoint"] == "flows/ingest.py:ingest"
     assert deps["csm"]["entrypoint"] == "flows/train.py:train"
+    assert deps["partition"]["entrypoint"] == "flows/fanout.py:ingest_partition"
     pools = {p["name"] for p in doc["definitions"]["work_pools"].values()}
     assert deps["podcasts"]["work_pool"]["name"] in pools and deps["csm"]["work_pool"]["name"] in pools
     (schedule,) = deps["podcasts"]["schedules"]
