@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ALL = ["shards", "decode", "loader", "mimi", "stages", "amortization"]
+ALL = ["shards", "decode", "loader", "mimi", "stages", "amortization", "memory"]
 
 
 def machine() -> str:

@@ -97,12 +97,14 @@ def make_windows(rec_id: str, source: str, transcript: Transcript, overlaps: lis
 
 
 @stage
-def tokenize_audio(audio24: Any, models: Models) -> Any:
-    from tokenizer.mimi import encode_audio
+def tokenize_audio(path: str, models: Models) -> Any:
+    """Mimi codes of the file, decoded at 24 kHz chunk by chunk: the whole recording is never held at 24 kHz."""
+    from tokenizer.mimi import chunk_samples, encode_stream
 
     cfg = models.cfg.tokenize
-    return encode_audio(audio24, models.mimi, num_codebooks=cfg.num_codebooks, chunk_s=cfg.chunk_s,
-                        batch_size=cfg.batch_size)
+    chunks = decode_mod.stream(path, models.cfg.decode.codec_sample_rate, chunk_samples(cfg.chunk_s))
+    return encode_stream(chunks, models.mimi, num_codebooks=cfg.num_codebooks, chunk_s=cfg.chunk_s,
+                         batch_size=cfg.batch_size)
 
 
 @dataclass
@@ -193,7 +195,7 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
         rate = cfg.windows.frame_rate
         if packed:
             codes_key = [cfg.decode.codec_sample_rate, cfg.tokenize.model_dump(exclude={"text"}), info["mimi"]]
-            codes = cache.array("codes", rid, codes_key, lambda: retried(tokenize_audio)(audio.audio24, models))
+            codes = cache.array("codes", rid, codes_key, lambda: retried(tokenize_audio)(path, models))
             for w in packed:
                 w.extra.update(language=transcript.language, source_meta=item.meta)
             packed, duplicates = quality.drop_duplicates(

@@ -16,7 +16,9 @@ from pydantic import BaseModel, Field
 
 class DecodeConfig(BaseModel):
     asr_sample_rate: int = Field(16_000, description="Rate for ASR and diarization (Whisper and pyannote want 16 kHz).")
-    codec_sample_rate: int = Field(24_000, description="Rate for Mimi (24 kHz).")
+    codec_sample_rate: int = Field(
+        24_000, description="Rate for Mimi (24 kHz); decoded again from the file and streamed to Mimi a chunk at "
+        "a time, so only the ASR rate is ever held whole (about 0.7 GB for 3 hours).")
     max_duration_s: float = Field(6 * 3600, gt=0, description="Longer recordings are rejected.")
     min_duration_s: float = Field(1.0, ge=0, description="Shorter recordings are rejected.")
 
@@ -218,8 +220,9 @@ class TokenizeConfig(BaseModel):
     text: str = Field("sesame/csm-1b", description="CSM text tokenizer (Llama-3) hub id or local dir (gated).")
     num_codebooks: int = Field(32, ge=1, le=32)
     chunk_s: float = Field(
-        60.0, gt=0, description="Mimi encodes the recording in chunks this long: memory grows with the chunk "
-        "(about 1.5 GB per 60 s on CPU for kyutai/mimi), not with the recording.")
+        60.0, gt=0, description="Mimi encodes the recording in chunks this long, streamed from ffmpeg: host and "
+        "GPU memory grow with batch_size x chunk_s (about 1.5 GB per 60 s on CPU for kyutai/mimi), not with "
+        "the recording.")
     batch_size: int = Field(
         1,
         ge=1,

@@ -6,8 +6,11 @@ import hashlib
 import json
 import re
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -20,11 +23,12 @@ class DecodeError(Exception):
 
 @dataclass
 class DecodedAudio:
-    """One recording at the two rates the stages need; one copy per rate, nothing else kept."""
+    """One recording at the ASR rate, held whole (whisperX and pyannote need the whole array). The codec
+    rate is not held: Mimi reads it from `stream(path, codec_sample_rate, ...)` a chunk at a time, so a
+    3-hour file does not keep another 1 GB alive through every stage."""
 
     path: str
-    audio16: np.ndarray  # ASR and diarization
-    audio24: np.ndarray  # Mimi
+    audio16: np.ndarray  # ASR, alignment, diarization, signal metrics
     duration: float
 
 
@@ -44,14 +48,25 @@ def probe_duration(path: str | Path) -> float:
     return float("nan")  # some containers (raw streams) do not say; decoding tells
 
 
+def _ffmpeg(path: str | Path, sample_rate: int) -> list[str]:
+    return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-ac", "1",
+            "-ar", str(sample_rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
+
+
 def decode(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Decode the first audio stream, downmixed to mono and resampled by ffmpeg, as float32."""
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-ac", "1",
-           "-ar", str(sample_rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode != 0:
-        raise DecodeError(f"{path}: ffmpeg could not decode it: {_last_line(proc.stderr.decode(errors='replace'))}")
-    audio = np.frombuffer(proc.stdout, dtype=np.float32)  # a view of ffmpeg's output: no copy
+    """Decode the first audio stream, downmixed to mono and resampled by ffmpeg, as (writable) float32."""
+    # one growing buffer (large reallocs are remapped in place): no joined copy of the whole output as
+    # subprocess.run makes, and writable, so torch users (pyannote) need not copy it either
+    buf = bytearray()
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a corrupt stream's error flood cannot block
+        proc = subprocess.Popen(_ffmpeg(path, sample_rate), stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        while block := proc.stdout.read(1 << 22):
+            buf += block
+        proc.stdout.close()
+        if proc.wait() != 0:
+            raise DecodeError(f"{path}: ffmpeg could not decode it: {_stderr(err)}")
+    audio = np.frombuffer(buf, dtype=np.float32)
     if audio.size == 0:
         raise DecodeError(f"{path}: decoded to no samples")
     if not np.isfinite(audio).all():
@@ -59,8 +74,52 @@ def decode(path: str | Path, sample_rate: int) -> np.ndarray:
     return audio
 
 
+def stream(path: str | Path, sample_rate: int, block: int) -> Iterator[np.ndarray]:
+    """Decode like `decode`, yielding float32 blocks of exactly `block` samples (the last may be shorter):
+    memory is one block, whatever the file's length."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1 sample, got {block}")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(_ffmpeg(path, sample_rate), stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        total = 0
+        try:
+            n = 4 * block
+            while n == 4 * block:  # a short read is the end of the stream
+                out = np.empty(block, dtype=np.float32)
+                n = _read_into(proc.stdout, memoryview(out).cast("B"))
+                if n % 4:
+                    raise DecodeError(f"{path}: ffmpeg output ends mid-sample")
+                if n:
+                    out = out[: n // 4]
+                    if not np.isfinite(out).all():
+                        raise DecodeError(f"{path}: audio holds NaN or Inf samples")
+                    total += len(out)
+                    yield out
+            proc.stdout.close()
+            if proc.wait() != 0:
+                raise DecodeError(f"{path}: ffmpeg could not decode it: {_stderr(err)}")
+        finally:  # the consumer stopped early (or failed): do not leave ffmpeg blocked on a full pipe
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if total == 0:
+            raise DecodeError(f"{path}: decoded to no samples")
+
+
+def _read_into(f: IO[bytes], view: memoryview) -> int:
+    """Fill `view` from `f` (a pipe returns short reads); fewer bytes only at end of stream."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
+
+
 def decode_recording(path: str | Path, cfg: DecodeConfig) -> DecodedAudio:
-    """Decode once per rate; reject what is too short or too long before any model sees it."""
+    """Decode at the ASR rate; reject what is too short or too long before any model sees it."""
     duration = probe_duration(path)
     if duration == duration and duration > cfg.max_duration_s:  # NaN-safe
         raise DecodeError(f"{path}: {duration:.0f} s is longer than max_duration_s={cfg.max_duration_s:.0f}")
@@ -68,8 +127,7 @@ def decode_recording(path: str | Path, cfg: DecodeConfig) -> DecodedAudio:
     duration = len(audio16) / cfg.asr_sample_rate
     if duration < cfg.min_duration_s:
         raise DecodeError(f"{path}: {duration:.2f} s is shorter than min_duration_s={cfg.min_duration_s}")
-    audio24 = decode(path, cfg.codec_sample_rate)
-    return DecodedAudio(str(path), audio16, audio24, duration)
+    return DecodedAudio(str(path), audio16, duration)
 
 
 def recording_id(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -84,6 +142,11 @@ def recording_id(path: str | Path, chunk: int = 1 << 20) -> str:
 def name_slug(path: str | Path) -> str:
     """The file name as a key-safe slug: letters, digits and dashes only (no dots, no spaces)."""
     return re.sub(r"[^A-Za-z0-9-]+", "-", Path(path).stem).strip("-")[:48] or "rec"
+
+
+def _stderr(err: IO[bytes]) -> str:
+    err.seek(0)
+    return _last_line(err.read().decode(errors="replace"))
 
 
 def _last_line(text: str) -> str:

@@ -96,6 +96,67 @@ def test_frame_i_covers_its_samples(mimi, audio: np.ndarray) -> None:
     assert (codes[j] != base[j]).any()  # frame j sees its own samples
 
 
+def _encode_whole(audio24: np.ndarray, model, chunk_s: float, batch_size: int) -> np.ndarray:
+    """The encode as it was before streaming (whole 24 kHz array, one padded copy, chunks sliced from it and
+    batched the same way): the reference the streamed encode must match code for code."""
+    import torch
+
+    n_frames = math.ceil(len(audio24) / MIMI_SAMPLES_PER_FRAME)
+    out = np.zeros((n_frames, 32), dtype=np.int16)
+    chunk_len = max(1, round(chunk_s * MIMI_FRAME_RATE)) * MIMI_SAMPLES_PER_FRAME
+    audio = np.zeros(n_frames * MIMI_SAMPLES_PER_FRAME, dtype=np.float32)
+    audio[: len(audio24)] = audio24
+    starts = list(range(0, len(audio), chunk_len))
+    full = [s for s in starts if s + chunk_len <= len(audio)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + chunk_len > len(audio)]
+    with torch.inference_mode():
+        for batch in batches:
+            length = min(chunk_len, len(audio) - batch[0])
+            x = torch.from_numpy(np.stack([audio[s : s + length] for s in batch]))[:, None, :]
+            codes = model.encode(x, num_quantizers=32, return_dict=True).audio_codes
+            for s, c in zip(batch, codes.transpose(1, 2).to(torch.int16).numpy(), strict=True):
+                out[s // MIMI_SAMPLES_PER_FRAME : s // MIMI_SAMPLES_PER_FRAME + length // MIMI_SAMPLES_PER_FRAME] = c
+    return out
+
+
+@pytest.fixture(scope="module")
+def speech_mp3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tasks.synth import speak, write_audio
+
+    path = tmp_path_factory.mktemp("audio") / "speech.mp3"
+    write_audio(path, speak("Streaming test. The codes must not change when the audio is streamed.", "en-us+f3",
+                            150), 22_050)
+    return path
+
+
+@pytest.mark.parametrize(("chunk_s", "batch_size"), [(300.0, 1), (0.8, 1), (0.8, 3), (1.6, 2)])
+def test_streamed_encode_matches_whole_file_encode(mimi, speech_mp3: Path, chunk_s: float, batch_size: int) -> None:
+    from tasks.decode import decode, stream
+    from tokenizer.mimi import chunk_samples, encode_stream
+
+    whole = _encode_whole(decode(speech_mp3, SR), mimi, chunk_s, batch_size)
+    streamed = encode_stream(stream(speech_mp3, SR, chunk_samples(chunk_s)), mimi, chunk_s=chunk_s,
+                             batch_size=batch_size)
+    np.testing.assert_array_equal(streamed, whole)
+
+
+@pytest.mark.parametrize("n", [2 * 19_200 - 100, 2 * 19_200, 2 * 19_200 + 1, 19_200 + 1920 * 3])
+def test_encode_tail_batching_matches_whole_file_encode(mimi, audio: np.ndarray, n: int) -> None:
+    # tails that pad to a full chunk (first case) batch with the full chunks, as before streaming
+    np.testing.assert_array_equal(encode_audio(audio[:n], mimi, chunk_s=0.8, batch_size=2),
+                                  _encode_whole(audio[:n], mimi, 0.8, 2))
+
+
+def test_encode_stream_rejects_misaligned_chunks(mimi) -> None:
+    from tokenizer.mimi import encode_stream
+
+    with pytest.raises(ValueError, match="only the last chunk"):
+        encode_stream(iter([np.zeros(1920, np.float32), np.zeros(19_200, np.float32)]), mimi, chunk_s=0.8)
+    with pytest.raises(ValueError, match="longer than"):
+        encode_stream(iter([np.zeros(19_201, np.float32)]), mimi, chunk_s=0.8)
+
+
 def test_encode_rejects_bad_input(mimi) -> None:
     with pytest.raises(ValueError):
         encode_audio(np.zeros((2, 1920), dtype=np.float32), mimi)

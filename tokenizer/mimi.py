@@ -1,4 +1,5 @@
-"""Mimi audio codes: the whole recording, encoded in long frame-aligned chunks by transformers' MimiModel.
+"""Mimi audio codes: the whole recording, encoded in long frame-aligned chunks by transformers' MimiModel;
+the chunks can be streamed from ffmpeg (`encode_stream`), so memory does not grow with the recording.
 
 Production loads "kyutai/mimi". Offline runs load a small random-initialised model of the same architecture
 (same rate, strides and 32 x 2048 codebooks), written by `build_offline_mimi` and loaded the same way.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,11 @@ def load_mimi(name_or_path: str, device: str = "cpu") -> MimiModel:
     return model
 
 
+def chunk_samples(chunk_s: float) -> int:
+    """Samples at 24 kHz in one encode chunk: `chunk_s` rounded to a whole number of frames (at least one)."""
+    return max(1, round(chunk_s * MIMI_FRAME_RATE)) * MIMI_SAMPLES_PER_FRAME
+
+
 def encode_audio(
     audio24: np.ndarray,
     model: MimiModel,
@@ -44,51 +51,83 @@ def encode_audio(
     chunk_s: float = 300.0,
     batch_size: int = 1,
 ) -> np.ndarray:
-    """Mimi codes of a whole 24 kHz mono recording: int16 array of shape (ceil(len / 1920), num_codebooks).
+    """Mimi codes of a whole 24 kHz mono recording held in memory; see `encode_stream`."""
+    if audio24.ndim != 1:
+        raise ValueError(f"expected mono audio, got shape {audio24.shape}")
+    step = chunk_samples(chunk_s)
+    chunks = (audio24[s : s + step] for s in range(0, len(audio24), step))  # views, no copy
+    return encode_stream(chunks, model, num_codebooks, chunk_s, batch_size)
 
-    The recording is cut into chunks of a whole number of frames, so frame i always covers samples
-    [i*1920, (i+1)*1920) whatever the chunk size; the tail is zero-padded to a full frame. Full chunks are
-    encoded `batch_size` at a time on the model's device; each chunk starts from a fresh codec state.
+
+def encode_stream(
+    chunks: Iterable[np.ndarray],
+    model: MimiModel,
+    num_codebooks: int = 32,
+    chunk_s: float = 300.0,
+    batch_size: int = 1,
+) -> np.ndarray:
+    """Mimi codes of a 24 kHz mono recording given as consecutive chunks of exactly `chunk_samples(chunk_s)`
+    samples (the last may be shorter), e.g. `tasks.decode.stream`: int16 array of shape
+    (ceil(samples / 1920), num_codebooks).
+
+    Chunks are a whole number of frames, so frame i always covers samples [i*1920, (i+1)*1920) whatever the
+    chunk size; the tail is zero-padded to a full frame. Full chunks are encoded `batch_size` at a time on
+    the model's device, each from a fresh codec state. Memory (host and device) is batch_size chunks, not
+    the recording: a 3-hour file costs what a 10-minute one does.
     """
     import torch
 
-    if audio24.ndim != 1:
-        raise ValueError(f"expected mono audio, got shape {audio24.shape}")
     if not 1 <= num_codebooks <= model.config.num_quantizers:
         raise ValueError(f"num_codebooks must be in 1..{model.config.num_quantizers}, got {num_codebooks}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    n_frames = math.ceil(len(audio24) / MIMI_SAMPLES_PER_FRAME)
-    out = np.zeros((n_frames, num_codebooks), dtype=np.int16)
-    if n_frames == 0:
-        return out
-    frames_per_chunk = max(1, round(chunk_s * MIMI_FRAME_RATE))
-    chunk_len = frames_per_chunk * MIMI_SAMPLES_PER_FRAME
-
-    # pad to whole frames ourselves, so the last frame's padding is explicit zeros and the frame count is exact
-    audio = np.zeros(n_frames * MIMI_SAMPLES_PER_FRAME, dtype=np.float32)
-    audio[: len(audio24)] = audio24
-    starts = list(range(0, len(audio), chunk_len))
-    full = [s for s in starts if s + chunk_len <= len(audio)]
-    # the encoder ignores padding masks, so only equal-length chunks share a batch; a short tail goes alone
-    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in starts if s + chunk_len > len(audio)]
-
+    chunk_len = chunk_samples(chunk_s)
     device = model.device
-    with torch.inference_mode():
-        for batch in batches:
-            length = min(chunk_len, len(audio) - batch[0])
-            x = torch.from_numpy(np.stack([audio[s : s + length] for s in batch]))[:, None, :].to(device)
+    out: list[np.ndarray] = []
+
+    def encode(batch: list[np.ndarray]) -> None:
+        x = torch.from_numpy(np.stack(batch))[:, None, :].to(device)
+        with torch.inference_mode():
             codes = model.encode(x, num_quantizers=num_codebooks, return_dict=True).audio_codes  # (B, K, T)
-            codes = codes.transpose(1, 2).to("cpu", torch.int16).numpy()
-            n = length // MIMI_SAMPLES_PER_FRAME
-            if codes.shape[1] != n:  # guard the frame grid against codec padding changes
-                raise RuntimeError(f"Mimi returned {codes.shape[1]} frames for {n} frames of audio")
-            for s, c in zip(batch, codes, strict=True):
-                f = s // MIMI_SAMPLES_PER_FRAME
-                out[f : f + n] = c
-    return out
+        codes = codes.transpose(1, 2).to("cpu", torch.int16).numpy()
+        n = x.shape[-1] // MIMI_SAMPLES_PER_FRAME
+        if codes.shape[1] != n:  # guard the frame grid against codec padding changes
+            raise RuntimeError(f"Mimi returned {codes.shape[1]} frames for {n} frames of audio")
+        out.extend(codes)
+
+    full: list[np.ndarray] = []
+    tail: np.ndarray | None = None
+    for chunk in chunks:
+        if chunk.ndim != 1:
+            raise ValueError(f"expected mono audio, got shape {chunk.shape}")
+        if tail is not None:
+            raise ValueError(f"only the last chunk may be shorter than {chunk_len} samples, got {len(tail)}")
+        if len(chunk) == chunk_len:
+            full.append(np.asarray(chunk, dtype=np.float32))
+            if len(full) == batch_size:
+                encode(full)
+                full = []
+        elif len(chunk) < chunk_len:
+            tail = chunk
+        else:
+            raise ValueError(f"chunk of {len(chunk)} samples is longer than {chunk_len}")
+    if tail is not None and len(tail):
+        # pad to whole frames ourselves, so the last frame's padding is explicit zeros and the count exact
+        padded = np.zeros(math.ceil(len(tail) / MIMI_SAMPLES_PER_FRAME) * MIMI_SAMPLES_PER_FRAME, np.float32)
+        padded[: len(tail)] = tail
+        if len(padded) == chunk_len:  # a tail padded to a full chunk batches with the full ones
+            full.append(padded)
+            tail = None
+        else:
+            tail = padded
+    if full:
+        encode(full)
+    # the encoder ignores padding masks, so only equal-length chunks share a batch; a short tail goes alone
+    if tail is not None and len(tail):
+        encode([tail])
+    if not out:
+        return np.zeros((0, num_codebooks), dtype=np.int16)
+    return np.concatenate(out)
 
 
 def _init_codebooks(model: MimiModel, seed: int) -> None:
