@@ -104,7 +104,7 @@ serve: setup
 	  $(BIN)/prefect work-pool inspect $$pool >/dev/null 2>&1 || $(BIN)/prefect work-pool create $$pool --type process >/dev/null; \
 	done; \
 	$(BIN)/prefect --no-prompt deploy --all >$(SERVE_DIR)/logs/deploy.log 2>&1 || { tail -30 $(SERVE_DIR)/logs/deploy.log; exit 1; }; \
-	echo "deployed: ingest/podcasts ingest/files train/csm (log: .prefect/logs/deploy.log)"; \
+	echo "deployed: ingest/podcasts ingest/files ingest/partition train/csm (log: .prefect/logs/deploy.log)"; \
 	if [ -n "$$tcfg" ]; then $(BIN)/python -m flows.serve set-config train/csm $$tcfg; fi; \
 	for pool in $(SERVE_POOLS); do \
 	  pidf=$(SERVE_DIR)/run/worker-$$pool.pid; \

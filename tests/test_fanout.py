@@ -76,11 +76,12 @@ def test_fanout_over_two_workers_retry_and_rerun(prefect_stack, tmp_path) -> Non
 
     stack = prefect_stack
     src = tmp_path / "talks"
-    make_dialogue(src / "a-good.mp3", lines=DIALOGUE[:2], seed=5)
-    (src / "b-broken.wav").write_text("not audio")
+    make_dialogue(src / "a1-good.mp3", lines=DIALOGUE[:2], seed=5)
+    make_dialogue(src / "a2-good.mp3", lines=DIALOGUE[4:6], seed=7)
+    (src / "b-broken.wav").write_text("not audio")  # sorted: partitions [a1, a2] and [b]
     cfg = yaml.safe_load(Path(stack.env["CSM_INGEST_CONFIG"]).read_text())
     cfg["on_error"] = "raise"  # a broken file fails its partition (the default would record it and go on)
-    fanout = {"files": 1, "max_parallel": 2, "retries": 1, "poll_s": 1}
+    fanout = {"files": 2, "max_parallel": 2, "retries": 1, "poll_s": 1}
     run_id = stack.run_deployment("ingest/files", sources=[str(src)], dataset="fan", config=cfg, fanout=fanout)
     first = stack.wait_run(run_id, timeout=600)
     assert first["state_type"] == "FAILED", stack.run_logs(run_id)[-3000:]  # one partition never worked ...
@@ -95,13 +96,16 @@ def test_fanout_over_two_workers_retry_and_rerun(prefect_stack, tmp_path) -> Non
     for r in children:
         by_part.setdefault(r["parameters"]["part"], []).append(r)
     assert sorted(len(v) for v in by_part.values()) == [1, 2]  # the broken partition was retried once
+    assert sorted(len(r["parameters"]["sources"]) for r in children) == [1, 1, 2]
     workers, spans = set(), []
     for r in children:
-        logs = stack.wait_logs(r["id"], "worker process")
+        logs = stack.wait_logs(r["id"], "worker process", "models loaded on")
         line = next(ln for ln in logs.splitlines() if "worker process" in ln)
         workers.add(line.split("worker process ")[1].split(" ")[0])
         assert line.endswith("(CUDA_VISIBLE_DEVICES=)")  # its worker's GPU: none on this machine
-        assert logs.count("models loaded on") <= 1  # once per run, not per file
+        n_files = len(r["parameters"]["sources"])
+        if r["state_type"] == "COMPLETED":  # models loaded once for all the partition's files, not per file
+            assert logs.count("models loaded on") == 1 and f"models loaded on cpu for {n_files} files" in logs
         spans.append((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])))
     assert workers == {"test-gpu-0", "test-gpu-1"}  # both worker processes took partitions
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)

@@ -28,7 +28,7 @@ def test_kubernetes_pool_template_renders_a_gpu_job(prefect_stack) -> None:
     values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
     values.update(gpu_count=2, image="registry.example/csm-dataprep:1")  # what a deployment's job_variables set
     with temporary_settings({PREFECT_API_URL: stack.api}):
-        cfg = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template["job_configuration"],
+        cfg = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template,
                                                                                        values))
     pod = cfg.job_manifest["spec"]["template"]["spec"]
     (container,) = pod["containers"]
