@@ -6,22 +6,20 @@ gate -> windows -> Mimi + text tokens -> shards. Each stage is a thin task over 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from schemas.config import IngestConfig, resolve_device
+from schemas.config import FanoutConfig, IngestConfig, resolve_device
 from schemas.records import Reject, Source, SpeakerSegment, Transcript, Turn, Window
 from tasks import decode as decode_mod
-from tasks import metrics, quality, shards, turns, windows
+from tasks import metrics, quality, shards, storage, turns, windows
 from tasks.cache import StageCache
 from tasks.diarize import assign_speakers, overlap_regions
 from tasks.models import Models, describe_models, load_models, untrained
@@ -223,6 +221,7 @@ def ingest(
     config: IngestConfig | None = None,
     dataset: str | None = None,
     fetch: FetchConfig | None = None,
+    fanout: FanoutConfig | None = None,
 ) -> dict[str, Any]:
     """Ingest audio into the dataset `<config.out>/<config.dataset>/`.
 
@@ -239,6 +238,9 @@ def ingest(
             else the defaults.
         dataset: Dataset name, replacing the config's.
         fetch: Download bounds (size, time), episodes per feed, parallel downloads. None: the defaults.
+        fanout: Spread the run over a work pool: the sources and new episodes are split into partitions, each
+            ingested by an `ingest/partition` run on its own worker (one GPU each), then merged into the
+            dataset (flows/fanout.py). None: this run ingests everything itself.
     """
     from flows import inputs, publish
     from tasks.sources import remove_downloads
@@ -248,8 +250,12 @@ def ingest(
     fetch = fetch or FetchConfig()
     if not sources and not feeds:
         raise ValueError("nothing to ingest: give `sources` and/or `feeds`")
-    dataset_dir = Path(cfg.out) / cfg.dataset
-    got = inputs.gather(sources or [], feeds or [], dataset_dir, Path(cfg.out) / ".cache" / "downloads", fetch)
+    if fanout is not None:
+        from flows.fanout import fan_out
+
+        return fan_out(sources or [], feeds or [], cfg, fanout, fetch)
+    dataset_dir = storage.join(cfg.out, cfg.dataset)
+    got = inputs.gather(sources or [], feeds or [], dataset_dir, cfg.work_dir() / "downloads", fetch)
     if sources and not feeds and not got.sources:
         raise ValueError(f"no audio files found in {sources}" + "".join(f"\n{u}: {r}" for u, r in got.failures))
     if feeds and not sources and not got.feeds_ok:
@@ -280,39 +286,46 @@ def resolve_config(config: IngestConfig | None, dataset: str | None = None) -> I
     return config
 
 
-def _nothing_new(dataset_dir: Path) -> dict[str, Any]:
+def _nothing_new(dataset_dir: str) -> dict[str, Any]:
     """The summary of a run that had nothing to process."""
-    manifest = dataset_dir / "manifest.json"
-    shards_now = len(json.loads(manifest.read_text())["shards"]) if manifest.exists() else 0
+    manifest = storage.join(dataset_dir, "manifest.json")
+    exists = storage.exists(manifest)
+    shards_now = len(storage.read_json(manifest)["shards"]) if exists else 0
     return {"recordings": 0, "recordings_skipped": 0, "recordings_failed": 0, "hours_in": 0.0, "hours_kept": 0.0,
             "hours_rejected_by_reason": {}, "windows": 0, "turns": 0, "rejects": 0, "wall_s": 0.0,
             "realtime_factor": 0.0, "stage_realtime_factor": {}, "shards": 0, "dataset_shards": shards_now,
-            "manifest": str(manifest.resolve()) if manifest.exists() else None, "untrained_models": []}
+            "manifest": storage.display(manifest) if exists else None, "untrained_models": []}
 
 
-def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
-    """The body of every ingest flow, once its sources are local files."""
+def ingest_sources(items: list[Source], cfg: IngestConfig, dataset_dir: str | None = None,
+                   manifest_extra: dict[str, Any] | None = None, skip: set[str] | None = None) -> dict[str, Any]:
+    """The body of every ingest flow, once its sources are local files: they go into the dataset at
+    `dataset_dir` (default <out>/<dataset>; a partition's part folder in a fan-out), `manifest_extra` into its
+    manifest. Recordings whose id or GUID is in `skip` (or already in that dataset) are skipped."""
     logger = get_run_logger()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     model_info = describe_models(cfg)
-    logger.info("ingest %d files into %s/%s on %s", len(items), cfg.out, cfg.dataset, device)
+    dataset_dir = dataset_dir or storage.join(cfg.out, cfg.dataset)
+    logger.info("ingest %d files into %s on %s", len(items), dataset_dir, device)
     for name, info in model_info.items():
         logger.info("model %-22s %s [%s]", name, info.get("name"), info.get("weights"))
     if untrained(model_info):
         logger.warning("untrained (random) weights: %s: their outputs are not meaningful",
                        ", ".join(untrained(model_info)))
-    writer = shards.DatasetWriter(Path(cfg.out) / cfg.dataset, cfg.shards, overwrite=cfg.overwrite)
+    writer = shards.DatasetWriter(dataset_dir, cfg.shards, overwrite=cfg.overwrite)
     results: list[RecordingResult] = []
     skipped = 0
-    cache = StageCache(cfg.cache_dir or Path(cfg.out) / ".cache")
+    cache = StageCache(cfg.work_dir())
     try:
-        models = load_models(cfg, device)
+        models = load_models(cfg, device)  # once per run: a worker process keeps them for all its files
+        logger.info("models loaded on %s for %d files", device, len(items))
         from tqdm import tqdm
 
         for item in tqdm(items, desc="recordings", unit="file", disable=None):
             rec_id = _content_id(item.path)
-            if writer.seen(rec_id) or writer.seen(item.meta.get("guid", "")):
+            guid = item.meta.get("guid", "")
+            if writer.seen(rec_id) or writer.seen(guid) or rec_id in (skip or ()) or guid in (skip or ()):
                 skipped += 1
                 logger.info("%s: already in the dataset, skipped", item.uri)
                 continue
@@ -332,13 +345,14 @@ def ingest_sources(items: list[Source], cfg: IngestConfig) -> dict[str, Any]:
             "untrained_models": untrained(model_info),
             "device": device,
             "counts_this_run": summary,
+            **(manifest_extra or {}),
         })
     except BaseException:
         writer.abort()
         raise
     summary["shards"] = len(manifest["new_shards"])
     summary["dataset_shards"] = len(manifest["shards"])
-    summary["manifest"] = str((Path(cfg.out) / cfg.dataset / "manifest.json").resolve())
+    summary["manifest"] = storage.display(storage.join(dataset_dir, "manifest.json"))
     summary["untrained_models"] = manifest["untrained_models"]
     return summary
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class DecodeConfig(BaseModel):
@@ -238,7 +238,8 @@ class ShardConfig(BaseModel):
 
 class IngestConfig(BaseModel):
     dataset: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    out: str = Field("data", description="Output root; the dataset lands in <out>/<dataset>/.")
+    out: str = Field("data", description="Output root, a local folder or an fsspec URL (s3://bucket/prefix, "
+                     "gs://...); the dataset lands in <out>/<dataset>/.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode: DecodeConfig = DecodeConfig()
     asr: AsrConfig = AsrConfig()
@@ -257,11 +258,46 @@ class IngestConfig(BaseModel):
         None, description="Per-recording stage results (resume after a crash); default <out>/.cache. "
         "Keyed by content, stage config and models, so datasets can share it.")
 
+    def work_dir(self) -> Path:
+        """Local scratch of a run (stage cache, downloads): `cache_dir`, else <out>/.cache, else (when `out` is
+        an object store) $CSM_CACHE_DIR or ~/.cache/csm-dataprep."""
+        import os
+
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        if "://" not in self.out or self.out.startswith("file://"):
+            return Path(self.out.removeprefix("file://")) / ".cache"
+        return Path(os.environ.get("CSM_CACHE_DIR", "~/.cache/csm-dataprep")).expanduser()
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> IngestConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
+
+
+class FanoutConfig(BaseModel):
+    """How a fan-out ingest (flows/fanout.py) splits its sources and runs the partitions."""
+
+    files: int | None = Field(
+        50, ge=1, description="Sources per partition. A partition is one flow run on one worker process (one "
+        "GPU): its models load once for all its files.")
+    hours: float | None = Field(
+        None, gt=0, description="Partition by hours of audio instead of files (set `files` to null): durations "
+        "come from a source list's `duration` column, or ffprobe for local files.")
+    assumed_hours: float = Field(1.0, gt=0, description="Hours counted for a source of unknown duration.")
+    max_parallel: int = Field(
+        8, ge=1, description="Partitions running at once: the fan-out's concurrency limit (the work pool's own "
+        "limit, if set, also applies).")
+    retries: int = Field(2, ge=0, le=10, description="Extra runs of a partition that ended without its part manifest.")
+    deployment: str = Field("ingest/partition", description="The deployment that runs one partition.")
+    poll_s: float = Field(5.0, gt=0, description="Seconds between checks of the partitions' runs.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> FanoutConfig:
+        if (self.files is None) == (self.hours is None):
+            raise ValueError("partition by `files` or by `hours` (set the other to null)")
+        return self
 
 
 def resolve_device(device: str) -> str:

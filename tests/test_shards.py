@@ -15,21 +15,21 @@ from tasks.windows import pack_windows
 from tests.test_windows import random_turns, tokenize
 
 
-def write_dataset(root, n_recordings=3, max_samples=4, seed=0):
+def write_dataset(root, n_recordings=3, max_samples=4, seed=0, prefix="rec"):
     rng = random.Random(seed)
     writer = DatasetWriter(root, ShardConfig(max_samples=max_samples))
     expected = {}
     for r in range(n_recordings):
         turns = random_turns(rng, 30)
-        windows, _ = pack_windows(f"rec{r}-abc", f"file:///rec{r}.wav", turns, tokenize, WindowConfig(max_positions=512))
+        windows, _ = pack_windows(f"{prefix}{r}-abc", f"file:///{prefix}{r}.wav", turns, tokenize, WindowConfig(max_positions=512))
         codes = np.random.default_rng(r).integers(0, 2048, (int(turns[-1].end * 12.5) + 2, 32))
         for w in windows:
             sample = window_sample(w, codes)
             expected[w.key] = sample
             writer.write(w, sample)
-        row = {"recording_id": f"rec{r}-abc", "source": f"file:///rec{r}.wav", "status": "kept",
+        row = {"recording_id": f"{prefix}{r}-abc", "source": f"file:///{prefix}{r}.wav", "status": "kept",
                "duration": turns[-1].end, "windows": len(windows)}
-        writer.add_recording(row, [Reject(recording_id=f"rec{r}-abc", source="s", stage="quality", level="turn",
+        writer.add_recording(row, [Reject(recording_id=f"{prefix}{r}-abc", source="s", stage="quality", level="turn",
                                           reason="too short", rule="too_short", seconds=0.2)])
     manifest = writer.publish({"dataset": "t", "config": {"windows": {"max_positions": 512}}})
     return manifest, expected
