@@ -197,7 +197,7 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
             for w in packed:
                 w.extra.update(language=transcript.language, source_meta=item.meta)
             packed, duplicates = quality.drop_duplicates(
-                packed, lambda w: shards.window_sample(w, codes, rate)["codes.npy"], dedupe, cfg.quality)
+                packed, lambda w: shards.window_codes(w, codes, rate), dedupe, cfg.quality)
             result.rejects += duplicates
         # every second in a kept window or in one reject; sets each window's metrics["audio_s"]
         result.rejects = quality.settle(rid, source, audio.duration, packed, result.rejects)

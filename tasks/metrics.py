@@ -353,11 +353,12 @@ def similarity(a: list[int] | np.ndarray | None, b: list[int] | np.ndarray | Non
 
 
 def _band_hashes(sig: np.ndarray) -> np.ndarray:
-    """One 64-bit hash per LSH band (band number mixed in), so all bands share one lookup table."""
-    rows = sig.reshape(LSH_BANDS, -1).astype(np.uint64)
-    h = np.arange(LSH_BANDS, dtype=np.uint64)
-    for r in range(rows.shape[1]):
-        h = _mix64(h ^ (rows[:, r] << np.uint64(32 - r)))  # a row value moved by its position in the band
+    """One 64-bit hash per LSH band (band number mixed in), so all bands share one lookup table; for a stack
+    of signatures (n, MINHASH_PERMUTATIONS), an (n, LSH_BANDS) array."""
+    rows = sig.reshape(*sig.shape[:-1], LSH_BANDS, -1).astype(np.uint64)
+    h = np.broadcast_to(np.arange(LSH_BANDS, dtype=np.uint64), rows.shape[:-1])
+    for r in range(rows.shape[-1]):
+        h = _mix64(h ^ (rows[..., r] << np.uint64(32 - r)))  # a row value moved by its position in the band
     return h
 
 
@@ -377,23 +378,24 @@ class DuplicateIndex:
         self.recordings: list[str] = []
         self.sigs: dict[str, list[np.ndarray | None]] = {k: [] for k in self.KINDS}
         self.exact: dict[str, int] = {}
-        self._frozen = {k: (np.zeros(0, np.uint64), np.zeros(0, np.int64)) for k in self.KINDS}
-        self._recent: dict[str, dict[int, list[int]]] = {k: {} for k in self.KINDS}
+        empty = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        self._frozen = dict.fromkeys(self.KINDS, empty)  # band hash -> window, sorted by hash
+        self._recent = dict.fromkeys(self.KINDS, empty)  # the same for windows added since `freeze`, smaller
+        self._unhashed: list[int] = []  # windows whose bands are not in a table yet
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def add(self, key: str, recording_id: str, fp_text: Any = None, fp_codes: Any = None,
             hash_: str | None = None) -> None:
+        """Add a window. Its bands are hashed with the others' at the next query or freeze: numpy over all
+        of them at once costs a few microseconds a window, one at a time a hundred."""
         i = len(self.keys)
         self.keys.append(key)
         self.recordings.append(recording_id)
-        for kind, fp in (("text", fp_text), ("codes", fp_codes)):
-            sig = signature(fp)
-            self.sigs[kind].append(sig)
-            if sig is not None:
-                for h in _band_hashes(sig).tolist():
-                    self._recent[kind].setdefault(h, []).append(i)
+        self.sigs["text"].append(signature(fp_text))
+        self.sigs["codes"].append(signature(fp_codes))
+        self._unhashed.append(i)
         if hash_:
             self.exact.setdefault(hash_, i)
 
@@ -403,29 +405,38 @@ class DuplicateIndex:
             self.add(row["key"], row["recording_id"], row.get("fp_text"), row.get("fp_codes"), row.get("audio_hash"))
 
     def freeze(self) -> None:
-        """Move the band tables into sorted arrays (after loading a dataset's index)."""
+        """Merge every table into the sorted arrays (after loading a dataset's index)."""
+        self._hash_bands()
         for kind in self.KINDS:
-            hashes, owners = self._frozen[kind]
-            recent = self._recent[kind]
-            if not recent:
+            self._frozen[kind] = _merge(self._frozen[kind], self._recent[kind])
+            self._recent[kind] = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+
+    def _hash_bands(self) -> None:
+        """Put the bands of the windows added since the last call into the `recent` tables; those move into
+        the frozen ones once they are a quarter of their size, so each band is re-sorted a few times at most."""
+        if not self._unhashed:
+            return
+        for kind in self.KINDS:
+            ids = [i for i in self._unhashed if self.sigs[kind][i] is not None]
+            if not ids:
                 continue
-            new_h = np.fromiter((h for h, ids in recent.items() for _ in ids), np.uint64)
-            new_o = np.fromiter((i for ids in recent.values() for i in ids), np.int64)
-            hashes, owners = np.concatenate([hashes, new_h]), np.concatenate([owners, new_o])
-            order = np.argsort(hashes, kind="stable")
-            self._frozen[kind] = (hashes[order], owners[order])
-            self._recent[kind] = {}
+            bands = _band_hashes(np.stack([self.sigs[kind][i] for i in ids]))
+            new = (bands.ravel(), np.repeat(np.asarray(ids, np.int64), bands.shape[1]))
+            recent = _merge(self._recent[kind], new)
+            if len(recent[0]) > len(self._frozen[kind][0]) // 4:
+                self._frozen[kind], recent = _merge(self._frozen[kind], recent), (new[0][:0], new[1][:0])
+            self._recent[kind] = recent
+        self._unhashed = []
 
     def _candidates(self, kind: str, sig: np.ndarray) -> set[int]:
+        self._hash_bands()
         bands = _band_hashes(sig)
-        hashes, owners = self._frozen[kind]
         found: set[int] = set()
-        if len(hashes):
-            lo, hi = np.searchsorted(hashes, bands, "left"), np.searchsorted(hashes, bands, "right")
-            for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
-                found.update(owners[a:b].tolist())
-        for h in bands.tolist():
-            found.update(self._recent[kind].get(h, ()))
+        for hashes, owners in (self._frozen[kind], self._recent[kind]):
+            if len(hashes):
+                lo, hi = np.searchsorted(hashes, bands, "left"), np.searchsorted(hashes, bands, "right")
+                for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+                    found.update(owners[a:b].tolist())
         return found
 
     def query(self, recording_id: str, fp_text: Any = None, fp_codes: Any = None,
@@ -448,6 +459,15 @@ class DuplicateIndex:
             if best is not None:
                 found[kind] = best
         return found
+
+
+def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Two (hashes, owners) tables as one, sorted by hash (owners in insertion order within a hash)."""
+    if not len(b[0]):
+        return a
+    hashes, owners = np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], owners[order]
 
 
 # ---------------------------------------------------------------------------------------------- SQUIM
