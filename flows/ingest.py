@@ -32,8 +32,12 @@ stage = task(cache_policy=NO_CACHE, persist_result=False)
 
 
 @stage
-def decode_audio(path: str, cfg: IngestConfig) -> decode_mod.DecodedAudio:
-    return decode_mod.decode_recording(path, cfg.decode)
+def decode_audio(path: str, cfg: IngestConfig, decoded: Any = None) -> decode_mod.DecodedAudio:
+    """The recording at the ASR rate; `decoded` is the result (or the error) of a decode run ahead of time
+    (ingest_sources decodes the next file while the models work on this one)."""
+    if isinstance(decoded, BaseException):
+        raise decoded
+    return decoded if decoded is not None else decode_mod.decode_recording(path, cfg.decode)
 
 
 @stage
@@ -129,8 +133,8 @@ class RecordingResult:
 
 
 def process_recording(item: Source, models: Models, rec_id: str | None = None,
-                      cache: StageCache | None = None, dedupe: metrics.DuplicateIndex | None = None
-                      ) -> RecordingResult:
+                      cache: StageCache | None = None, dedupe: metrics.DuplicateIndex | None = None,
+                      decoded: Any = None) -> RecordingResult:
     """All stages for one file. A failure becomes a recording-level reject naming the stage and reason.
     `dedupe` holds the dataset's windows so far: a window another recording already has is rejected.
 
@@ -158,7 +162,7 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
             result.seconds[current] = now - t
             t, current = now, name
 
-        audio = decode_audio(path, cfg)
+        audio = decode_audio(path, cfg, decoded)
         result.duration = audio.duration
         signal = metrics.analyse_signal(audio.audio16, cfg.decode.asr_sample_rate, cfg.quality.silence_dbfs)
         result.metrics = signal.recording_metrics()
@@ -317,19 +321,32 @@ def ingest_sources(items: list[Source], cfg: IngestConfig, dataset_dir: str | No
     results: list[RecordingResult] = []
     skipped = 0
     cache = StageCache(cfg.work_dir())
+    ahead = None
     try:
         models = load_models(cfg, device)  # once per run: a worker process keeps them for all its files
         logger.info("models loaded on %s for %d files", device, len(items))
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
-        for item in tqdm(items, desc="recordings", unit="file", disable=None):
-            rec_id = _content_id(item.path)
-            guid = item.meta.get("guid", "")
-            if writer.seen(rec_id) or writer.seen(guid) or rec_id in (skip or ()) or guid in (skip or ()):
+        def known(rec_id: str, guid: str) -> bool:
+            return writer.seen(rec_id) or writer.seen(guid) or rec_id in (skip or ()) or guid in (skip or ())
+
+        # One recording ahead: ffmpeg decodes the next file (a subprocess; the thread only waits on its pipe)
+        # while the models work on this one, so the GPU does not wait for the CPU between files.
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csm-read-ahead")
+        pending = ahead.submit(_read_ahead, items[0], cfg, known) if items else None
+        for i, item in enumerate(tqdm(items, desc="recordings", unit="file", disable=None)):
+            waited = time.perf_counter()
+            rec_id, decoded = pending.result()
+            waited = time.perf_counter() - waited
+            pending = ahead.submit(_read_ahead, items[i + 1], cfg, known) if i + 1 < len(items) else None
+            if known(rec_id, item.meta.get("guid", "")):
                 skipped += 1
                 logger.info("%s: already in the dataset, skipped", item.uri)
                 continue
-            r = process_recording(item, models, rec_id, cache, writer.dedupe)
+            r = process_recording(item, models, rec_id, cache, writer.dedupe, decoded)
+            r.seconds["decode"] = r.seconds.get("decode", 0.0) + waited  # what the read-ahead did not hide
             for window, sample in zip(r.windows, r.samples, strict=True):
                 writer.write(window, sample)
             writer.add_recording(r.row(), r.rejects)
@@ -350,6 +367,9 @@ def ingest_sources(items: list[Source], cfg: IngestConfig, dataset_dir: str | No
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if ahead is not None:
+            ahead.shutdown(cancel_futures=True)
     summary["shards"] = len(manifest["new_shards"])
     summary["dataset_shards"] = len(manifest["shards"])
     summary["manifest"] = storage.display(storage.join(dataset_dir, "manifest.json"))
@@ -379,6 +399,17 @@ def summarize(results: list[RecordingResult], writer: shards.DatasetWriter, wall
         "realtime_factor": seconds_in / wall if wall > 0 else math.nan,
         "stage_realtime_factor": {k: seconds_in / v for k, v in stage_s.items() if v > 0},
     }
+
+
+def _read_ahead(item: Source, cfg: IngestConfig, known: Any) -> tuple[str, Any]:
+    """A recording's content id and, unless `known(id, guid)`, its decoded audio or the decode's error."""
+    rec_id = _content_id(item.path)
+    if known(rec_id, item.meta.get("guid", "")):
+        return rec_id, None
+    try:
+        return rec_id, decode_mod.decode_recording(item.path, cfg.decode)
+    except Exception as exc:  # noqa: BLE001 - raised in the decode task, where the error policy records it
+        return rec_id, exc
 
 
 def _content_id(path: str) -> str:
