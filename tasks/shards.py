@@ -9,10 +9,10 @@ written last, so a reader never sees a half-written dataset. See docs/dataset-fo
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from schemas.config import ShardConfig
 from schemas.records import Reject, Window
+from tasks import storage
 from tasks.metrics import RECORDING_METRICS, WINDOW_METRICS, DuplicateIndex, signature_bytes
 from tasks.tarwriter import ShardWriter
 
@@ -112,34 +113,35 @@ class DatasetWriter:
     """
 
     def __init__(self, dataset_dir: str | Path, cfg: ShardConfig, overwrite: bool = False) -> None:
-        import fcntl
-
-        self.dir = Path(dataset_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / ".lock", "w")  # noqa: SIM115 - held for the writer's lifetime
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise DatasetExists(f"{self.dir}: another ingest run is writing this dataset") from None
+        self.dir = str(dataset_dir)  # a local folder or an fsspec URL (tasks/storage.py)
+        self.remote = storage.is_remote(self.dir)
+        self._lock = self._take_lock()
         self.overwrite = overwrite
-        for stale in self.dir.glob(".staging-*"):  # we hold the lock: these are from runs that were killed
-            shutil.rmtree(stale, ignore_errors=True)
+        manifest_url = storage.join(self.dir, "manifest.json")
         listed = set()
-        if (self.dir / "manifest.json").exists() and not overwrite:
-            listed = {e["path"] for e in json.loads((self.dir / "manifest.json").read_text())["shards"]}
-        for orphan in (self.dir / "shards").glob("*.tar") if (self.dir / "shards").exists() else []:
-            if f"shards/{orphan.name}" not in listed and not overwrite:  # moved in by a run killed before its manifest
-                orphan.unlink()
         self.previous: dict[str, Any] = {"shards": [], "index": [], "rejects": [], "recordings": [], "runs": []}
-        if (self.dir / "manifest.json").exists() and not overwrite:
-            manifest = json.loads((self.dir / "manifest.json").read_text())
+        if not overwrite and storage.exists(manifest_url):
+            manifest = storage.read_json(manifest_url)
+            listed = {e["path"] for e in manifest["shards"]}
             self.previous = {
                 "shards": manifest["shards"], "runs": manifest.get("runs", []),
-                **{t: _read_parquet(self.dir / f"{t}.parquet") for t in ("index", "rejects", "recordings")},
+                **{t: storage.read_parquet(storage.join(self.dir, f"{t}.parquet"))
+                   for t in ("index", "rejects", "recordings")},
             }
+        if self.remote:
+            # Object stores have no locks or renames: shards are staged on local disk and uploaded at publish.
+            # One writer per dataset is the deployment's concurrency limit (and each partition of a fan-out
+            # writes its own part); shards of a killed run are unlisted and overwritten by the next one.
+            self.staging = Path(tempfile.mkdtemp(prefix="csm-staging-"))
+        else:
+            root = storage.local_path(self.dir)
+            for stale in root.glob(".staging-*"):  # we hold the lock: these are from runs that were killed
+                shutil.rmtree(stale, ignore_errors=True)
+            for orphan in (root / "shards").glob("*.tar") if (root / "shards").exists() else []:
+                if f"shards/{orphan.name}" not in listed and not overwrite:  # moved in by a run killed before its manifest
+                    orphan.unlink()
+            self.staging = root / f".staging-{os.getpid()}-{int(time.time())}"
         numbers = [int(Path(e["path"]).stem.split("-")[-1]) for e in self.previous["shards"]]
-        self.staging = self.dir / f".staging-{os.getpid()}-{int(time.time())}"
         (self.staging / "shards").mkdir(parents=True)
         self._pending: list[dict[str, Any]] = []  # index rows of the shard being written
         self.index: list[dict[str, Any]] = []
@@ -156,6 +158,22 @@ class DatasetWriter:
         self._writer = ShardWriter(str(self.staging / "shards" / "shard-%06d.tar"), maxcount=cfg.max_samples,
                                    maxsize=cfg.max_bytes, post=self._shard_done, on_error=self._write_failed,
                                    start_shard=max(numbers, default=-1) + 1)
+
+    def _take_lock(self) -> Any:
+        """An exclusive lock on a local dataset (None on an object store: see __init__)."""
+        import fcntl
+
+        if self.remote:
+            return None
+        root = storage.local_path(self.dir)
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise DatasetExists(f"{self.dir}: another ingest run is writing this dataset") from None
+        return lock
 
     def seen(self, key: str) -> bool:
         """Was this recording id (content hash) or episode GUID ingested by an earlier run or this one?"""
@@ -207,19 +225,23 @@ class DatasetWriter:
             path = self.staging / name
             entries.append({"path": name, "sha256": self._writer.sha256[str(path)], "samples": per_shard[name],
                             "bytes": path.stat().st_size})
-        shards_dir = self.dir / "shards"
         if self.overwrite:  # without its manifest the old dataset is no longer a dataset to any reader
-            (self.dir / "manifest.json").unlink(missing_ok=True)
-            shutil.rmtree(shards_dir, ignore_errors=True)
-        shards_dir.mkdir(exist_ok=True)
+            storage.remove(storage.join(self.dir, "manifest.json"))
+            storage.remove(storage.join(self.dir, "shards"), recursive=True)
+        if not self.remote:  # a local dataset always has its shards folder, even with none in it yet
+            (storage.local_path(self.dir) / "shards").mkdir(exist_ok=True)
         for name in self.shards:
-            os.replace(self.staging / name, self.dir / name)
+            storage.put(self.staging / name, storage.join(self.dir, name))
         index = self.previous["index"] + self.index
         rejects = self.previous["rejects"] + [r.model_dump() for r in self.rejects]
         recordings = self.previous["recordings"] + self.recordings
-        _write_parquet(index, INDEX_SCHEMA, self.dir / "index.parquet")
-        _write_parquet(rejects, REJECT_SCHEMA, self.dir / "rejects.parquet")
-        _write_parquet(recordings, RECORDING_SCHEMA, self.dir / "recordings.parquet")
+        tables = {}
+        for t, rows, schema in (("index", index, INDEX_SCHEMA), ("rejects", rejects, REJECT_SCHEMA),
+                                ("recordings", recordings, RECORDING_SCHEMA)):
+            local = self.staging / f"{t}.parquet"
+            _write_parquet(rows, schema, local)
+            tables[t] = {"path": f"{t}.parquet", "sha256": sha256_file(local), "rows": len(rows)}
+            storage.put(local, storage.join(self.dir, f"{t}.parquet"))
         run = {k: v for k, v in manifest.items() if k in ("created", "counts_this_run")}
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -228,10 +250,9 @@ class DatasetWriter:
             "shards": self.previous["shards"] + entries,
             "new_shards": [e["path"] for e in entries],
             "runs": self.previous["runs"] + [run],
-            **{t: {"path": f"{t}.parquet", "sha256": sha256_file(self.dir / f"{t}.parquet"), "rows": len(rows)}
-               for t, rows in (("index", index), ("rejects", rejects), ("recordings", recordings))},
+            **tables,
         }
-        write_json_atomic(self.dir / "manifest.json", manifest)
+        storage.write_json(storage.join(self.dir, "manifest.json"), manifest)  # last: it makes the rest visible
         self.close()
         return manifest
 
@@ -246,7 +267,8 @@ class DatasetWriter:
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
 
 def hours_by_reason(rejects: list[dict]) -> dict[str, float]:
@@ -295,21 +317,8 @@ RECORDING_SCHEMA = pa.schema([
 ])
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist() if path.exists() else []
-
-
 def _write_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
