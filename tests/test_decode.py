@@ -96,3 +96,14 @@ def test_recording_id_is_content_addressed(tmp_path, speech) -> None:
     ra, rb = recording_id(a), recording_id(b)
     assert ra.split("-")[-1] == rb.split("-")[-1]
     assert "." not in ra + rb and " " not in ra
+
+
+def test_nan_samples_are_refused_naming_the_file(tmp_path) -> None:
+    import soundfile as sf
+
+    audio = np.zeros(16_000 * 3, dtype=np.float32)
+    audio[40_000] = np.nan
+    path = tmp_path / "broken float.wav"
+    sf.write(path, audio, 16_000, subtype="FLOAT")
+    with pytest.raises(DecodeError, match="broken float.wav: audio holds NaN"):
+        decode(path, 16_000)
