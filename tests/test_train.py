@@ -200,3 +200,26 @@ def test_trains_on_real_ingest_output(ingest_run: dict, tmp_path: Path) -> None:
     manifest = str(ingest_run["dir"] / "manifest.json")
     r = run(manifest, TrainConfig(**{**FAST, "eval_fraction": 0.0, "max_steps": 2}, out_dir=str(tmp_path / "t")))
     assert r.step == 2 and all(h["loss"] > 0 for h in r.history)
+
+
+def test_batched_codebooks_head_matches_transformers() -> None:
+    """training.model.batch_codebooks_head: the same logits and weight gradients as CsmCodebooksHead's loop."""
+    from transformers.models.csm.modeling_csm import CsmCodebooksHead
+
+    from training.model import batch_codebooks_head
+
+    torch.manual_seed(0)
+    ref = CsmCodebooksHead(hidden_size=16, num_codebooks=32, vocab_size=40)
+    torch.nn.init.normal_(ref.weight)
+    fast = CsmCodebooksHead(hidden_size=16, num_codebooks=32, vocab_size=40)
+    fast.load_state_dict(ref.state_dict())
+    batch_codebooks_head(fast)
+    x = torch.randn(3, 31, 16)
+    for cache_position in (None, torch.tensor([5])):
+        h = x[:, :1] if cache_position is not None else x
+        a, b = ref(h, cache_position), fast(h, cache_position)
+        torch.testing.assert_close(b, a)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
+        ref.weight.grad = fast.weight.grad = None
