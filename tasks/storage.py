@@ -113,18 +113,6 @@ def remove(url: str | Path, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
-def listdir(url: str | Path, suffix: str = "") -> list[str]:
-    """Names (not paths) of the files directly under `url` ending in `suffix`; [] if there is no such folder."""
-    if not is_remote(url):
-        path = local_path(url)
-        return sorted(p.name for p in path.iterdir() if p.name.endswith(suffix)) if path.is_dir() else []
-    fs, path = url_to_fs(str(url))
-    try:
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(suffix))
-    except FileNotFoundError:
-        return []
-
-
 def sha256(url: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with fsspec.open(str(url), "rb") as f:
