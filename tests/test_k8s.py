@@ -8,6 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,28 +22,33 @@ def test_kubernetes_pool_template_renders_a_gpu_job(prefect_stack) -> None:
 
     stack = prefect_stack
     stack.prefect("work-pool", "create", "csm-k8s", "--type", "kubernetes", "--base-job-template", str(TEMPLATE))
-    pool = stack.get("/work_pools/csm-k8s")
-    template = json.loads(TEMPLATE.read_text())
-    assert pool["type"] == "kubernetes" and pool["base_job_template"] == template
+    try:
+        pool = stack.get("/work_pools/csm-k8s")
+        template = json.loads(TEMPLATE.read_text())
+        assert pool["type"] == "kubernetes" and pool["base_job_template"] == template
 
-    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
-    values.update(gpu_count=2, image="registry.example/csm-dataprep:1")  # what a deployment's job_variables set
-    with temporary_settings({PREFECT_API_URL: stack.api}):
-        cfg = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template,
-                                                                                       values))
-    pod = cfg.job_manifest["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["image"] == "registry.example/csm-dataprep:1"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert {"secretRef": {"name": "hf-token", "optional": True}} in container["envFrom"]
-    assert {"secretRef": {"name": "object-storage", "optional": True}} in container["envFrom"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "csm-model-cache"
-    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["model-cache"] == "/models"
-    assert cfg.env["HF_HOME"] == "/models/hf" and cfg.env["CSM_CACHE_DIR"].startswith("/scratch")
+        values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+        values.update(gpu_count=2, image="registry.example/csm-dataprep:1")  # what a deployment's job_variables set
+        with temporary_settings({PREFECT_API_URL: stack.api}):
+            cfg = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template,
+                                                                                           values))
+        pod = cfg.job_manifest["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"] == "registry.example/csm-dataprep:1"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert {"secretRef": {"name": "hf-token", "optional": True}} in container["envFrom"]
+        assert {"secretRef": {"name": "object-storage", "optional": True}} in container["envFrom"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "csm-model-cache"
+        assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["model-cache"] == "/models"
+        assert cfg.env["HF_HOME"] == "/models/hf" and cfg.env["CSM_CACHE_DIR"].startswith("/scratch")
+    finally:
+        # Removed again: while a kubernetes pool exists on this offline test server, the UI's custom-run form
+        # fails to create runs (tests/test_ui.py; seen, cause not traced)
+        httpx.delete(f"{stack.api}/work_pools/csm-k8s", timeout=30).raise_for_status()
 
 
 def test_cpu_template_is_the_gpu_one_without_gpus() -> None:
