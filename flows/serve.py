@@ -36,7 +36,7 @@ def wait_healthy(api_url: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"no Prefect server at {api_url} after {timeout:g} s ({last})")
 
 
-def _call(method: str, url: str, attempts: int = 5, **kwargs: Any) -> httpx.Response:
+def api_call(method: str, url: str, attempts: int = 5, **kwargs: Any) -> httpx.Response:
     """An API call, retried while the server answers 503 (a busy SQLite database right after a deploy)."""
     for attempt in range(attempts):
         r = httpx.request(method, url, timeout=30, **kwargs)
@@ -49,14 +49,14 @@ def _call(method: str, url: str, attempts: int = 5, **kwargs: Any) -> httpx.Resp
 
 def deployment(api_url: str, name: str) -> dict[str, Any]:
     """A deployment by its full name, 'flow/deployment'."""
-    return _call("GET", f"{api_url.rstrip('/')}/deployments/name/{name}").json()
+    return api_call("GET", f"{api_url.rstrip('/')}/deployments/name/{name}").json()
 
 
 def set_parameters(api_url: str, name: str, updates: dict[str, Any]) -> dict[str, Any]:
     """Merge `updates` into a deployment's default parameters; returns the new parameters."""
     dep = deployment(api_url, name)
     params = {**dep.get("parameters", {}), **updates}
-    _call("PATCH", f"{api_url.rstrip('/')}/deployments/{dep['id']}", json={"parameters": params})
+    api_call("PATCH", f"{api_url.rstrip('/')}/deployments/{dep['id']}", json={"parameters": params})
     return params
 
 

@@ -8,8 +8,9 @@ import asyncio
 import json
 from pathlib import Path
 
-import httpx
 import pytest
+
+from flows.serve import api_call
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "docker" / "k8s" / "base-job-template.json"
@@ -48,7 +49,7 @@ def test_kubernetes_pool_template_renders_a_gpu_job(prefect_stack) -> None:
     finally:
         # Removed again: while a kubernetes pool exists on this offline test server, the UI's custom-run form
         # fails to create runs (tests/test_ui.py; seen, cause not traced)
-        httpx.delete(f"{stack.api}/work_pools/csm-k8s", timeout=30).raise_for_status()
+        api_call("DELETE", f"{stack.api}/work_pools/csm-k8s")
 
 
 def test_cpu_template_is_the_gpu_one_without_gpus() -> None:

@@ -86,4 +86,6 @@ def test_custom_run_from_the_deployment_form(prefect_stack, podcast_run, page) -
     run = stack.get(f"/flow_runs/{run_id}")
     assert run["name"] == run_name and run["state_type"] == "COMPLETED"
     assert run["parameters"]["feeds"] == [stack.feed_url] and run["parameters"]["dataset"] == "podcasts"
-    assert len(list(SHOTS.glob("*.png"))) == 6
+    shots = {p.stem.split("-", 1)[1] for p in SHOTS.glob("*.png")}  # plus any create-failed-retrying
+    assert {"deployments", "deployment-podcasts", "custom-run-form", "run-created", "flow-run",
+            "flow-run-completed"} <= shots
