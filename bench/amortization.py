@@ -97,7 +97,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     tm = CsmForTraining(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     b = {k: v.to(device) for k, v in make_batch(args.batch, args.positions).items()}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     labels, n_dec = decoder_labels(b["codes"], b["kinds"], args.ratio, torch.Generator().manual_seed(0))
