@@ -218,7 +218,10 @@ class DatasetWriter:
                                     "the previous manifest, if any, still stands") from exc
 
     def _publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self._writer.close()
+        try:
+            self._writer.close()  # the last shard's last batch is written here
+        except OSError as exc:
+            self._write_failed(exc)
         per_shard = Counter(row["shard"] for row in self.index)
         entries = []
         for name in self.shards:

@@ -4,8 +4,8 @@ Why not webdataset's writer: its TarWriter goes through `tarfile.addfile` per me
 serialised in Python, the payload copied into a BytesIO and re-buffered in 10 KiB pieces by tarfile's
 stream) and `json.dumps`; for our 3-member samples that came to ~0.5 ms a sample, several times the cost of
 writing the bytes (docs/performance.md, `python -m bench shards`). Here a ustar header is a template plus name,
-size and checksum, arrays go to the file as buffers (no copies), and a background thread does the writes,
-the sha256 and the fsync while the caller prepares the next sample. Readers are unchanged (webdataset's tar
+size and checksum, a sample's arrays go to `os.writev` as they are (no copies), and a background thread hashes
+and fsyncs finished shards while the next one is written. Readers are unchanged (webdataset's tar
 iterators, tarfile); tests/test_tarwriter.py checks the tars are byte for byte webdataset's.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import queue
 import tarfile
@@ -85,31 +86,33 @@ def encode(key: str, value: Any) -> tuple[bytes | memoryview, ...]:
 class ShardWriter:
     """`webdataset.ShardWriter(pattern, maxcount, maxsize, post, start_shard, mtime=0)`, the same shards.
 
-    A shard is opened at its first sample; `post(fname)` runs when a shard has its last sample queued. Samples
-    are copied into a few large buffers, which a background thread writes, hashes (`sha256[fname]`) and at
-    the end of each shard fsyncs: two GIL-free calls per buffer, so the thread seldom waits for the GIL while
-    the caller encodes the next samples. `close()` waits for all of it. What the thread met (an OSError from
-    a full disk, say) is raised by the next `write` or by `close`, once; or, with `on_error`, handed to it
-    there instead (so a caller can report a failed write as such even when `close` is what finds it).
+    A shard is opened at its first sample; `post(fname)` runs when a shard has its last sample written.
+    Nothing is copied: a sample's members are pieces (headers, json bytes, views of its arrays, padding) that
+    go to the file with one `os.writev` per `batch_bytes`, from the caller's thread (a writing thread would
+    wait for the GIL after every write while the caller encodes: that cost more than the writes). A
+    background thread hashes each finished shard from the page cache (`sha256[fname]`, one GIL-free call)
+    while the next one is written, and fsyncs it late (`_run_sync`). `close()` waits for all of it. What the
+    thread met is raised by the next `write` or by `close`, once; or, with `on_error`, handed to it there
+    instead (so a caller can report a failed write as such even when `close` finds it). Write errors in the
+    caller's thread are raised as they happen.
     """
 
     def __init__(self, pattern: str, maxcount: int, maxsize: float, post: Callable[[str], None] | None = None,
                  start_shard: int = 0, on_error: Callable[[BaseException], None] | None = None,
-                 buffer_bytes: int = 4 << 20, buffers: int = 3) -> None:
+                 batch_bytes: int = 8 << 20) -> None:
         self.pattern, self.maxcount, self.maxsize, self.post = pattern, maxcount, maxsize, post
-        self.on_error = on_error
+        self.on_error, self.batch_bytes = on_error, batch_bytes
         self._reported = False
         self.shard = start_shard
         self.fname: str | None = None
+        self._fd = -1
         self.count = self.size = self.offset = 0
         self.sha256: dict[str, str] = {}
         self._error: BaseException | None = None
-        self._free: queue.Queue[bytearray] = queue.Queue()  # buffers the thread is done with: bounds memory
-        for _ in range(buffers):
-            self._free.put(bytearray(buffer_bytes))
-        self._buf, self._fill = self._free.get(), 0
-        self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._batch: list[bytes | memoryview] = []
+        self._batch_n = 0
+        self._done: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run_sync, name="shard-sha256-fsync", daemon=True)
         self._thread.start()
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -118,57 +121,61 @@ class ShardWriter:
             raise ValueError("object must contain a __key__")
         if self.fname is None or self.count >= self.maxcount or self.size >= self.maxsize:
             self._next()
-        key, parts = sample["__key__"], []
+        key, batch, total = sample["__key__"], self._batch, 0
         for ext in sorted(k for k in sample if not k.startswith("_")):  # webdataset's member order
             pieces = encode(ext, sample[ext])
             n = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
-            parts += (member_header(f"{key}.{ext}", n), *pieces, _ZEROS[: -n % BLOCK])
+            pad = -n % BLOCK
+            batch.append(member_header(f"{key}.{ext}", n))
+            batch += pieces
+            if pad:
+                batch.append(_ZEROS[:pad])
             self.size += n
-        for part in parts:
-            self._add(part)
+            total += BLOCK + n + pad
+        self.offset += total
+        self._batch_n += total
         self.count += 1
+        if self._batch_n >= self.batch_bytes:
+            self._flush()
 
     def close(self) -> None:
         """Finish the last shard and wait for every byte to be on disk."""
-        if self._thread.is_alive():
+        try:
             self._finish()
-            self._work.put(("stop", None))
-            self._thread.join()
+        finally:
+            if self._thread.is_alive():
+                self._done.put(None)
+                self._thread.join()
         self._raise()
 
-    def _add(self, part: bytes | memoryview) -> None:
-        n = part.nbytes if isinstance(part, memoryview) else len(part)
-        self.offset += n
-        fill = self._fill
-        if fill + n > len(self._buf):
-            self._flush()
-            if n > len(self._buf):  # larger than a buffer: handed over as it is
-                self._work.put(("data", (None, part)))
-                return
-            fill = 0
-        self._buf[fill : fill + n] = part
-        self._fill = fill + n
-
     def _flush(self) -> None:
-        if self._fill:
-            self._work.put(("data", (self._buf, memoryview(self._buf)[: self._fill])))
-            self._buf, self._fill = self._free.get(), 0
+        batch, self._batch, self._batch_n = self._batch, [], 0
+        if batch:
+            _writev(self._fd, batch)
 
     def _next(self) -> None:
         self._finish()
-        self.fname = self.pattern % self.shard
+        fname = self.pattern % self.shard
+        self._fd = os.open(fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: hashed through a mapping
+        self.fname = fname
         self.shard += 1
         self.count = self.size = self.offset = 0
-        self._work.put(("open", self.fname))
 
     def _finish(self) -> None:
-        if self.fname is not None:
-            self._add(bytes(2 * BLOCK + (-(self.offset + 2 * BLOCK)) % RECORD))  # end of archive, whole records
+        if self.fname is None:
+            return
+        fd, fname = self._fd, self.fname
+        try:
+            self._batch.append(bytes(2 * BLOCK + (-(self.offset + 2 * BLOCK)) % RECORD))  # end of archive
             self._flush()
-            self._work.put(("close", self.fname))
-            if self.post is not None:
-                self.post(self.fname)
-            self.fname = None
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            self.fname, self._fd = None, -1
+        self._done.put((fd, fname))
+        if self.post is not None:
+            self.post(fname)
 
     def _raise(self) -> None:
         if self._error is None or self._reported:
@@ -178,32 +185,82 @@ class ShardWriter:
             raise self._error
         self.on_error(self._error)
 
-    def _run(self) -> None:
-        f, digest = None, hashlib.sha256()
+    def _run_sync(self, pending: int = 64) -> None:
+        # fsync late, at close or once `pending` shards wait: an fsync while the next shard is being written
+        # stalls those writes (ext4 commits its journal), and by then writeback has usually done the work.
+        done: list[int] = []
         while True:
-            op, arg = self._work.get()
-            if op == "stop":
+            item = self._done.get()
+            if item is not None:
+                fd, fname = item
+                done.append(fd)
+                try:
+                    if self._error is None:
+                        self.sha256[fname] = _sha256_fd(fd)
+                        _start_writeback(fd)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+            while done and (item is None or len(done) > pending):
+                fd = done.pop(0)
+                try:
+                    if self._error is None:
+                        os.fsync(fd)  # the manifest, written after close(), must not list a torn shard
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+                finally:
+                    os.close(fd)
+            if item is None:
                 return
-            try:
-                if self._error is not None:
-                    continue  # keep draining (and freeing buffers) so the caller never blocks; it raises
-                if op == "open":
-                    f, digest = open(arg, "wb", buffering=0), hashlib.sha256()  # noqa: SIM115 - closed at "close"
-                elif op == "data":
-                    view = arg[1]
-                    while view:  # an unbuffered write may be partial
-                        view = view[f.write(view) :]
-                    digest.update(arg[1])
-                elif op == "close":
-                    os.fsync(f.fileno())  # the manifest, written after close(), must not list a torn shard
-                    f.close()
-                    f = None
-                    self.sha256[arg] = digest.hexdigest()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                self._error = exc
-                if f is not None:
-                    f.close()
-                    f = None
-            finally:
-                if op == "data" and arg[0] is not None:
-                    self._free.put(arg[0])
+
+
+def _libc_sync_file_range() -> Callable[[int], None] | None:
+    """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file back, without waiting
+    (so the fsync at close finds it mostly on disk). None where libc has no such call."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd: fn(fd, 0, 0, 2)  # a hint: its failure is the fsync's to report
+
+
+_sync_file_range = _libc_sync_file_range()
+
+
+def _start_writeback(fd: int) -> None:
+    if _sync_file_range is not None:
+        _sync_file_range(fd)
+
+
+def _sha256_fd(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return hashlib.sha256().hexdigest()
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as m:
+        return hashlib.sha256(m).hexdigest()
+
+
+IOV_MAX = 1024  # Linux's limit on the pieces of one writev
+
+
+def _writev(fd: int, pieces: list[bytes | memoryview]) -> None:
+    """Write all of `pieces`, in order (a writev may be partial: a signal, a nearly full disk)."""
+    for i in range(0, len(pieces), IOV_MAX):
+        chunk = pieces[i : i + IOV_MAX]
+        want = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in chunk)
+        done = os.writev(fd, chunk)
+        if done == want:
+            continue
+        for piece in chunk:  # the rest, piece by piece
+            view = memoryview(piece).cast("B")
+            if done >= view.nbytes:
+                done -= view.nbytes
+                continue
+            view, done = view[done:], 0
+            while view:
+                view = view[os.write(fd, view) :]

@@ -66,6 +66,15 @@ def test_sha256_and_readback(tmp_path: Path) -> None:
 
 def test_write_error_surfaces(tmp_path: Path) -> None:
     w = ShardWriter(str(tmp_path / "missing" / "s-%06d.tar"), maxcount=4, maxsize=1e9)
-    w.write(_samples(1)[0])
-    with pytest.raises(OSError):
-        w.close()
+    with pytest.raises(FileNotFoundError):
+        w.write(_samples(1)[0])  # the shard is opened at its first sample, in the caller's thread
+    w.close()  # nothing left to finish; the hashing thread stops
+
+
+def test_hash_error_surfaces_once(tmp_path: Path) -> None:
+    """An error in the background thread (hashing, fsync) reaches the caller at the next write or at close."""
+    seen: list[BaseException] = []
+    w = ShardWriter(str(tmp_path / "s-%06d.tar"), maxcount=1, maxsize=1e9, on_error=seen.append)
+    w._done.put((-1, "bogus"))  # a shard whose file is gone: fstat fails in the thread
+    w.close()
+    assert len(seen) == 1 and isinstance(seen[0], OSError)
