@@ -152,10 +152,9 @@ def _part_summary(part_url: str) -> dict[str, Any]:
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Partition summaries added up: totals, and hours rejected by reason."""
-    out: dict[str, Any] = {k: sum(s.get(k, 0) or 0 for s in summaries) for k in SUM_FIELDS}
-    by_reason: dict[str, float] = {}
-    for s in summaries:
-        for reason, hours in s.get("hours_rejected_by_reason", {}).items():
-            by_reason[reason] = by_reason.get(reason, 0.0) + hours
-    out["hours_rejected_by_reason"] = by_reason
-    return out
+    # a summary also holds figures that do not add up (wall_s, manifest...): only SUM_FIELDS go in, None as 0
+    picked = [{**{k: s.get(k) or 0 for k in SUM_FIELDS},
+               "hours_rejected_by_reason": s.get("hours_rejected_by_reason", {})} for s in summaries]
+    totals = partitions.add_counts(picked)
+    # every SUM_FIELD, in its order (0 when no partition ran), then the reasons
+    return {**{k: totals.get(k, 0) for k in SUM_FIELDS}, "hours_rejected_by_reason": totals["hours_rejected_by_reason"]}

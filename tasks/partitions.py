@@ -161,7 +161,7 @@ def merge_parts(dataset_url: str, parts: list[Partition], meta: dict[str, Any]) 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from tasks.shards import sha256_file
+    from tasks.shards import publish_table
 
     top = storage.join(dataset_url, "manifest.json")
     if storage.exists(top) and "parts" not in storage.read_json(top):
@@ -198,11 +198,7 @@ def merge_parts(dataset_url: str, parts: list[Partition], meta: dict[str, Any]) 
     finally:
         for w in writers.values():
             w.close()
-    tables = {}
-    for t in schemas:
-        local = staging / f"{t}.parquet"
-        tables[t] = {"path": f"{t}.parquet", "sha256": sha256_file(local), "rows": rows[t]}
-        storage.put(local, storage.join(dataset_url, f"{t}.parquet"))
+    tables = {t: publish_table(staging / f"{t}.parquet", dataset_url, rows[t]) for t in schemas}
     staging.rmdir()
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -218,7 +214,8 @@ def merge_parts(dataset_url: str, parts: list[Partition], meta: dict[str, Any]) 
 
 
 def add_counts(counts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dataset counts (tasks.shards.dataset_counts) of disjoint parts, added up."""
+    """Counts of disjoint parts added up: dataset counts (tasks.shards.dataset_counts), or run summaries'
+    totals (flows/fanout.py:aggregate). Numbers are summed, `hours_rejected_by_reason` merged by reason."""
     out: dict[str, Any] = {"hours_rejected_by_reason": {}}
     for c in counts:
         for k, v in c.items():

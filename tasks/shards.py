@@ -243,8 +243,7 @@ class DatasetWriter:
                                 ("recordings", recordings, RECORDING_SCHEMA)):
             local = self.staging / f"{t}.parquet"
             _write_parquet(rows, schema, local)
-            tables[t] = {"path": f"{t}.parquet", "sha256": sha256_file(local), "rows": len(rows)}
-            storage.put(local, storage.join(self.dir, f"{t}.parquet"))
+            tables[t] = publish_table(local, self.dir, len(rows))
         run = {k: v for k, v in manifest.items() if k in ("created", "counts_this_run")}
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -322,6 +321,18 @@ RECORDING_SCHEMA = pa.schema([
 
 def _write_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def publish_table(local: Path, dataset_dir: str | Path, rows: int) -> dict[str, Any]:
+    """Move a finished local table into the dataset under its file name; returns its manifest entry.
+
+    The file is fsynced first: the manifest written after it must not list a table a crash could tear (the
+    shards get the same at the writer's close)."""
+    with open(local, "rb") as f:
+        os.fsync(f.fileno())
+    entry = {"path": local.name, "sha256": sha256_file(local), "rows": rows}
+    storage.put(local, storage.join(dataset_dir, local.name))
+    return entry
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -68,7 +68,9 @@ def write_bytes(url: str | Path, data: bytes) -> None:
         path = local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())  # on disk before the rename: after a crash, the old file or the whole new one
         os.replace(tmp, path)
         return
     fs, path = url_to_fs(str(url))
