@@ -53,6 +53,8 @@ def make_dialogue(
     overlap_at: int = 3,
     sample_rate: int = 22_050,
     seed: int = 0,
+    voices: tuple[str, str] = VOICES,
+    speeds: tuple[int, int] = SPEEDS,
 ) -> dict:
     """Write a two-voice dialogue to `path` (format from its suffix, via ffmpeg) and return its script.
 
@@ -63,7 +65,7 @@ def make_dialogue(
     turns, pieces, t = [], [], 0.0
     for r in range(repeat):
         for i, (spk, text) in enumerate(lines):
-            audio = speak(text, VOICES[spk], SPEEDS[spk], sample_rate)
+            audio = speak(text, voices[spk], speeds[spk], sample_rate)
             start = t if not (r == 0 and i == overlap_at) else max(0.0, t - pause_s - 0.8)
             pieces.append((int(start * sample_rate), audio))
             end = start + len(audio) / sample_rate

@@ -121,8 +121,7 @@ def test_diarize_two_voice_dialogue(offline: dict[str, str], dialogue: tuple[np.
     assert {s.speaker for s in segments} == {"SPEAKER_00", "SPEAKER_01"}
     assert segments == sorted(segments, key=lambda s: s.start)
     assert all(0 <= s.start < s.end <= duration + 0.1 for s in segments)
-    assert agreement >= 0.8
-    assert elapsed < 60
+    assert agreement >= 0.8  # speed is bench/stages.py's and bench/diarize_step.py's to report
 
 
 def test_load_needs_a_source() -> None:
