@@ -25,7 +25,7 @@ class DecodeConfig(BaseModel):
 
 class AsrConfig(BaseModel):
     model: str = Field("large-v3", description="faster-whisper model name, hub id or local CTranslate2 dir.")
-    compute_type: str = Field("default", description="CTranslate2 compute type; default = float16 on GPU, float32 on CPU.")
+    compute_type: str = Field("default", description="CTranslate2 compute type; default = float16 on GPU, int8 on CPU.")
     batch_size: int = Field(16, ge=1)
     language: str | None = Field(None, description="Force a language; None detects it per recording.")
     vad_method: Literal["pyannote", "silero"] = "pyannote"
