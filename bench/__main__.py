@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ALL = ["shards", "decode", "loader", "mimi", "stages", "asr_compute", "diarize_step", "amortization", "memory"]
+ALL = ["shards", "decode", "loader", "mimi", "stages", "asr_compute", "diarize_step", "e2e", "amortization", "memory"]
 
 
 def machine() -> str:
