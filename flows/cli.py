@@ -136,8 +136,9 @@ def _report(args: argparse.Namespace) -> int:
     if not (args.dataset_dir / "index.parquet").exists():
         print(f"{args.dataset_dir}: no index.parquet (not a dataset)", file=sys.stderr)
         return 1
-    page = build_report(args.dataset_dir, args.out)
-    s = summarize(load_tables(args.dataset_dir))
+    tables = load_tables(args.dataset_dir)  # read once, for the page and the summary line
+    page = build_report(args.dataset_dir, args.out, tables)
+    s = summarize(tables)
     print(f"in {s['seconds_in']:.1f} s, kept {s['seconds_kept']:.1f} s, rejected {s['seconds_rejected']:.1f} s "
           f"({s['windows']} windows)")
     print(f"wrote {page}")

@@ -5,17 +5,23 @@ figures as Prefect artifacts.
 Its seconds add up: every second of input is in a kept window (index `audio_s`: the recording time its
 turns cover, overlapping turns counted once) or in exactly one reject (`seconds`), see tasks/quality.settle.
 Datasets written before `audio_s` existed fall back to the window's `duration`.
+
+It reads only the columns it uses, as arrow columns and numpy arrays: a million-hour index has ~25M rows,
+far too many to hold as Python dicts (and its fingerprint columns are never needed here).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks import quality, storage
 from tasks.metrics import WINDOW_METRICS
@@ -33,12 +39,62 @@ METRIC_LABELS = {
 }
 
 
+# The columns the report reads (WINDOW_METRICS includes audio_s); those a table lacks are read as absent.
+COLUMNS = {
+    "index": ["duration", "n_turns", "n_speakers", "n_positions", "turn_seconds", *WINDOW_METRICS],
+    "rejects": ["stage", "rule", "level", "seconds", "value"],
+    "recordings": ["duration", "status"],
+}
+
+
 def load_tables(dataset_dir: str | Path) -> dict[str, Any]:
-    """The manifest and the three tables of a dataset (a local folder or an fsspec URL)."""
+    """The manifest and the three tables of a dataset (a local folder or an fsspec URL): each an arrow Table
+    of the COLUMNS it has, with no columns and no rows where the file is missing."""
     manifest_url = storage.join(dataset_dir, "manifest.json")
     manifest = storage.read_json(manifest_url) if storage.exists(manifest_url) else {}
-    return {"manifest": manifest, **{t: storage.read_parquet(storage.join(dataset_dir, f"{t}.parquet"))
-                                     for t in ("index", "rejects", "recordings")}}
+    tables = {t: storage.read_table(storage.join(dataset_dir, f"{t}.parquet"), columns)
+              for t, columns in COLUMNS.items()}
+    return {"manifest": manifest, **{t: pa.table({}) if table is None else table for t, table in tables.items()}}
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
+    """A column, or None where the table lacks it (an older dataset, a missing file)."""
+    return table[name] if name in table.column_names else None
+
+
+def _values(table: pa.Table, name: str) -> np.ndarray:
+    """A column as numpy, nulls as NaN; all NaN where the table lacks it (what `row.get(name)` gave)."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return table[name].to_numpy()
+
+
+def _sum(column: pa.ChunkedArray | None) -> Any:
+    """A column's sum, nulls skipped (a NaN stays NaN, as in `row.get(name) or 0.0`); 0.0 without the column."""
+    return 0.0 if column is None else pc.sum(column, min_count=0).as_py()
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[list[Any], np.ndarray]:
+    """The column's distinct values in the order of their first row, and each row's number among them."""
+    encoded = pc.dictionary_encode(column.combine_chunks())  # one dictionary, not one per chunk
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
+
+
+def _by_reason(rejects: pa.Table) -> dict[str, tuple[float, int, str]]:
+    """stage:rule -> (seconds, rows, level of its first row), reasons in the order of their first row."""
+    if not rejects.num_rows:
+        return {}
+    rule = pc.if_else(pc.fill_null(pc.equal(rejects["rule"], ""), True), "error", rejects["rule"])
+    reasons, codes = _codes(pc.binary_join_element_wise(rejects["stage"], rule, ":"))
+    seconds = _column(rejects, "seconds")
+    seconds = np.zeros(len(codes)) if seconds is None else pc.fill_null(seconds, 0.0).to_numpy()
+    # bincount adds each reason's seconds in row order, the running sum the per-row loop made
+    sums = np.bincount(codes, weights=seconds, minlength=len(reasons)).tolist()
+    rows = np.bincount(codes, minlength=len(reasons)).tolist()
+    first = pa.array(np.unique(codes, return_index=True)[1])
+    level = _column(rejects, "level")
+    levels = [""] * len(reasons) if level is None else pc.fill_null(level.take(first), "").to_pylist()
+    return {reason: (sums[i], rows[i], levels[i]) for i, reason in enumerate(reasons)}
 
 
 def kept_seconds(row: dict[str, Any]) -> float:
@@ -48,36 +104,35 @@ def kept_seconds(row: dict[str, Any]) -> float:
 
 
 def summarize(tables: dict[str, Any]) -> dict[str, Any]:
-    """Seconds in, kept and rejected by reason (stage:rule), and whether they add up."""
+    """Seconds in, kept and rejected by reason (stage:rule), and whether they add up (tables: load_tables)."""
     index, rejects, recordings = tables["index"], tables["rejects"], tables["recordings"]
-    seconds_in = sum(r.get("duration") or 0.0 for r in recordings)
-    kept = sum(kept_seconds(r) for r in index)
-    by_reason: dict[str, float] = defaultdict(float)
-    rows_by_reason: Counter[str] = Counter()
-    level_of: dict[str, str] = {}
-    for r in rejects:
-        key = f"{r['stage']}:{r['rule'] or 'error'}"
-        by_reason[key] += r.get("seconds") or 0.0
-        rows_by_reason[key] += 1
-        level_of.setdefault(key, r.get("level") or "")
+    seconds_in = _sum(_column(recordings, "duration"))
+    audio_s, duration = _column(index, "audio_s"), _column(index, "duration")
+    kept = _sum(duration if audio_s is None else pc.coalesce(audio_s, duration))  # per row, as kept_seconds
+    reasons = _by_reason(rejects)
+    by_reason = {reason: seconds for reason, (seconds, _, _) in reasons.items()}
     rejected = sum(by_reason.values())
-    status = Counter(r.get("status") for r in recordings)
+    status: dict[str, int] = {}
+    if _column(recordings, "status") is not None:
+        values, counts = pc.value_counts(recordings["status"]).flatten()
+        status = dict(zip(values.to_pylist(), counts.to_pylist(), strict=True))
+    speakers, windows = np.unique(_values(index, "n_speakers"), return_counts=True)
     return {
         "seconds_in": seconds_in,
         "seconds_kept": kept,
-        "seconds_kept_audio": sum(r["duration"] for r in index),  # overlapped speech counted per speaker
+        "seconds_kept_audio": _sum(duration),  # overlapped speech counted per speaker
         "seconds_rejected": rejected,
         "seconds_unaccounted": seconds_in - kept - rejected,
         "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
-        "rejects_by_reason": dict(rows_by_reason),
-        "level_by_reason": level_of,
-        "recordings": len(recordings),
+        "rejects_by_reason": {reason: rows for reason, (_, rows, _) in reasons.items()},
+        "level_by_reason": {reason: level for reason, (_, _, level) in reasons.items()},
+        "recordings": recordings.num_rows,
         "recordings_kept": status.get("kept", 0),
         "recordings_rejected": status.get("rejected", 0),
         "recordings_failed": status.get("failed", 0),
-        "windows": len(index),
-        "turns": sum(r["n_turns"] for r in index),
-        "speakers_per_window": dict(sorted(Counter(r["n_speakers"] for r in index).items())),
+        "windows": index.num_rows,
+        "turns": int(_sum(_column(index, "n_turns"))),
+        "speakers_per_window": dict(zip(speakers.tolist(), windows.tolist(), strict=True)),
     }
 
 
@@ -137,15 +192,12 @@ def _plot_hours(s: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
-def _plot_metric(metric: str, kept: list[float], rejected: dict[str, list[float]],
+def _plot_metric(metric: str, kept: np.ndarray, rejected: dict[str, np.ndarray],
                  limits: list[tuple[str, str, float]], path: Path) -> str:
-    import numpy as np
-
     fig, ax = _figure()
-    every = kept + [v for vs in rejected.values() for v in vs]
-    finite = [v for v in every if v is not None and math.isfinite(v)]
-    bins = np.histogram_bin_edges(finite or [0.0, 1.0], bins=30)
-    if kept:
+    every = np.concatenate([kept, *rejected.values()])  # all finite (build_report drops the rest)
+    bins = np.histogram_bin_edges(every if len(every) else [0.0, 1.0], bins=30)
+    if len(kept):
         ax.hist(kept, bins=bins, color="tab:green", alpha=0.7, label=f"kept windows ({len(kept)})")
     for rule, values in rejected.items():
         ax.hist(values, bins=bins, alpha=0.6, label=f"rejected: {rule} ({len(values)})")
@@ -154,18 +206,18 @@ def _plot_metric(metric: str, kept: list[float], rejected: dict[str, list[float]
         ax.text(limit, ax.get_ylim()[1] * 0.95, f" {rule} ({level}) {limit:g}", fontsize=7, va="top", rotation=90)
     ax.set_title(METRIC_LABELS.get(metric, metric))
     ax.set_ylabel("count")
-    if kept or rejected:
+    if len(kept) or rejected:
         ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def _plot_hist(values: list[float], title: str, xlabel: str, path: Path, line: float | None = None,
+def _plot_hist(values: np.ndarray, title: str, xlabel: str, path: Path, line: float | None = None,
                discrete: bool = False) -> str:
     fig, ax = _figure()
     if discrete:
-        counts = Counter(values)
-        ax.bar([str(k) for k in sorted(counts)], [counts[k] for k in sorted(counts)], color="tab:blue")
-    elif values:
+        keys, counts = np.unique(values, return_counts=True)
+        ax.bar([str(k) for k in keys.tolist()], counts.tolist(), color="tab:blue")
+    elif len(values):
         ax.hist(values, bins=30, color="tab:blue")
     if line is not None:
         ax.axvline(line, color="black", linestyle="--", linewidth=1)
@@ -178,9 +230,42 @@ def _plot_hist(values: list[float], title: str, xlabel: str, path: Path, line: f
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build_report(dataset_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write `report/index.html` and its PNGs for a dataset, from its tables alone; returns the page's path."""
-    tables = load_tables(dataset_dir)
+def _finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def _rejected_values(rejects: pa.Table, rules: set[str]) -> dict[str, np.ndarray]:
+    """rule -> the finite `value`s of its rejects, for those of `rules` that have any, in the order of each
+    rule's first such reject (the order the plot draws and lists them in)."""
+    if not rejects.num_rows or "value" not in rejects.column_names:
+        return {}
+    names, codes = _codes(pc.fill_null(rejects["rule"], ""))
+    value = _values(rejects, "value")
+    finite = np.isfinite(value)
+    found = []
+    for code, name in enumerate(names):
+        if name in rules and (rows := finite & (codes == code)).any():
+            found.append((int(rows.argmax()), name, value[rows]))
+    return {name: values for _, name, values in sorted(found, key=lambda f: f[0])}
+
+
+def _turn_lengths(index: pa.Table) -> np.ndarray:
+    """Every turn's length: a window's `turn_seconds`, or its mean turn length where it has none (older
+    datasets). Not in row order, which a histogram does not need."""
+    fallback = _values(index, "duration") / np.maximum(1, _values(index, "n_turns"))
+    turns = _column(index, "turn_seconds")
+    if turns is None:
+        return fallback
+    listed = pc.fill_null(pc.list_value_length(turns), 0).to_numpy() > 0
+    return np.concatenate([pc.list_flatten(turns).to_numpy(), fallback[~listed]])
+
+
+def build_report(dataset_dir: str | Path, out_dir: str | Path | None = None,
+                 tables: dict[str, Any] | None = None) -> Path:
+    """Write `report/index.html` and its PNGs for a dataset, from its tables alone (`tables`: load_tables's,
+    if the caller has them); returns the page's path."""
+    if tables is None:
+        tables = load_tables(dataset_dir)
     if out_dir is None and storage.is_remote(dataset_dir):
         raise ValueError(f"{dataset_dir}: give a local out_dir for the report of a dataset on an object store")
     out = Path(out_dir) if out_dir else storage.local_path(dataset_dir) / REPORT_DIR
@@ -195,25 +280,21 @@ def build_report(dataset_dir: str | Path, out_dir: str | Path | None = None) -> 
     for metric in WINDOW_METRICS:
         if metric == "audio_s":
             continue
-        kept = [r[metric] for r in index if r.get(metric) is not None and math.isfinite(r[metric])]
+        kept = _finite(_values(index, metric))
         rules = {rule for rule, _, _ in limits.get(metric, [])} | {
             r.name for rs in quality.RULES_BY_LEVEL.values() for r in rs if r.metric == metric}
-        rejected: dict[str, list[float]] = defaultdict(list)
-        for r in rejects:
-            if r["rule"] in rules and r.get("value") is not None and math.isfinite(r["value"]):
-                rejected[r["rule"]].append(r["value"])
-        if not kept and not rejected:
+        rejected = _rejected_values(rejects, rules)
+        if not len(kept) and not rejected:
             continue
         plots.append((METRIC_LABELS.get(metric, metric),
-                      _plot_metric(metric, kept, dict(rejected), limits.get(metric, []), out / f"metric-{metric}.png")))
+                      _plot_metric(metric, kept, rejected, limits.get(metric, []), out / f"metric-{metric}.png")))
     max_positions = config.get("windows", {}).get("max_positions", 2048)
-    plots.append(("Positions per window", _plot_hist([r["n_positions"] for r in index], "CSM positions per window",
+    plots.append(("Positions per window", _plot_hist(_values(index, "n_positions"), "CSM positions per window",
                                                      "positions", out / "positions.png", line=max_positions)))
-    plots.append(("Speakers per window", _plot_hist([r["n_speakers"] for r in index], "speakers per window",
+    plots.append(("Speakers per window", _plot_hist(_values(index, "n_speakers"), "speakers per window",
                                                     "speakers", out / "speakers.png", discrete=True)))
-    turn_lengths = [t for r in index for t in (r.get("turn_seconds") or [r["duration"] / max(1, r["n_turns"])])]
-    plots.append(("Turn length", _plot_hist(turn_lengths, "turn length", "seconds", out / "turns.png")))
-    plots.append(("Window length", _plot_hist([r["duration"] for r in index], "window audio", "seconds",
+    plots.append(("Turn length", _plot_hist(_turn_lengths(index), "turn length", "seconds", out / "turns.png")))
+    plots.append(("Window length", _plot_hist(_values(index, "duration"), "window audio", "seconds",
                                               out / "windows.png")))
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     page = out / "index.html"
@@ -305,14 +386,14 @@ def publish_report_artifacts(dataset_dir: str | Path, build: bool = True) -> dic
         import tempfile
 
         local = Path(tempfile.mkdtemp(prefix="csm-report-"))
-        build_report(dataset_dir, local)
+        build_report(dataset_dir, local, tables)
         for f in sorted(local.iterdir()):
             storage.put(f, storage.join(dataset_dir, REPORT_DIR, f.name))
         link = storage.join(dataset_dir, REPORT_DIR, "index.html")
     else:
         page = storage.local_path(dataset_dir) / REPORT_DIR / "index.html"
         if build or not page.exists():
-            page = build_report(dataset_dir)
+            page = build_report(dataset_dir, tables=tables)
         link = page.resolve().as_uri()
     create_markdown_artifact(markdown=markdown(s, name), key=artifact_key(name, "report"),
                              description=f"dataset `{name}`: hours kept and rejected by rule")

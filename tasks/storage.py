@@ -14,10 +14,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def is_remote(url: str | Path) -> bool:
@@ -131,6 +134,19 @@ def read_parquet(url: str | Path, columns: list[str] | None = None) -> list[dict
         return []
     with fsspec.open(str(url), "rb") as f:
         return pq.read_table(f, columns=columns).to_pylist()
+
+
+def read_table(url: str | Path, columns: list[str]) -> pa.Table | None:
+    """Those of `columns` that a parquet table has, as an arrow Table (tables of older datasets lack the
+    newer columns); None if the file does not exist. Only these columns are read from the file."""
+    import pyarrow.parquet as pq
+
+    if not exists(url):
+        return None
+    with fsspec.open(str(url), "rb") as f:
+        table = pq.ParquetFile(f)
+        have = set(table.schema_arrow.names)
+        return table.read(columns=[c for c in columns if c in have])
 
 
 def display(url: str | Path) -> str:
