@@ -89,7 +89,8 @@ class ShardWriter:
     A shard is opened at its first sample; `post(fname)` runs when a shard has its last sample written.
     Nothing is copied: a sample's members are pieces (headers, json bytes, views of its arrays, padding) that
     go to the file with one `os.writev` per `batch_bytes`, from the caller's thread (a writing thread would
-    wait for the GIL after every write while the caller encodes: that cost more than the writes). A
+    wait for the GIL after every write while the caller encodes: that cost more than the writes), so a
+    sample's arrays must not change until a later `write` or `close` (they are written from where they are). A
     background thread hashes each finished shard from the page cache (`sha256[fname]`, one GIL-free call)
     while the next one is written, and fsyncs it late (`_run_sync`). `close()` waits for all of it. What the
     thread met is raised by the next `write` or by `close`, once; or, with `on_error`, handed to it there
@@ -186,8 +187,8 @@ class ShardWriter:
         self.on_error(self._error)
 
     def _run_sync(self, pending: int = 64) -> None:
-        # fsync late, at close or once `pending` shards wait: an fsync while the next shard is being written
-        # stalls those writes (ext4 commits its journal), and by then writeback has usually done the work.
+        # fsync late, at close or once `pending` shards wait: an fsync while the next shard was being written
+        # stalled those writes (docs/performance.md), and by then writeback has usually done the work.
         done: list[int] = []
         while True:
             item = self._done.get()

@@ -71,10 +71,21 @@ def test_write_error_surfaces(tmp_path: Path) -> None:
     w.close()  # nothing left to finish; the hashing thread stops
 
 
-def test_hash_error_surfaces_once(tmp_path: Path) -> None:
-    """An error in the background thread (hashing, fsync) reaches the caller at the next write or at close."""
+def test_background_error_surfaces_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error in the background thread (reading a finished shard back to hash it) reaches the caller
+    once, at a later write or at close, and no hash is recorded for that shard."""
+    import errno
+
+    from tasks import tarwriter
+
+    def failing_read(fd: int) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(tarwriter, "_sha256_fd", failing_read)
     seen: list[BaseException] = []
     w = ShardWriter(str(tmp_path / "s-%06d.tar"), maxcount=1, maxsize=1e9, on_error=seen.append)
-    w._done.put((-1, "bogus"))  # a shard whose file is gone: fstat fails in the thread
+    for s in _samples(3):
+        w.write(s)  # one sample per shard: each write finishes the shard before
     w.close()
-    assert len(seen) == 1 and isinstance(seen[0], OSError)
+    assert len(seen) == 1 and isinstance(seen[0], OSError) and seen[0].errno == errno.EIO
+    assert w.sha256 == {}
