@@ -37,14 +37,17 @@ def offline_config() -> Path:
 
 
 class GpuSampler:
-    """utilization.gpu of the visible GPU(s), sampled by nvidia-smi every `ms` until stopped."""
+    """utilization.gpu of the ingest's GPU, sampled by nvidia-smi every `ms` until stopped (none without one)."""
 
     def __init__(self, ms: int = 100) -> None:
         self.samples: list[tuple[float, float]] = []
         self.proc = None
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          f"-lms={ms}"], stdout=subprocess.PIPE, text=True)
+            # the card the ingest gets: cuda:0, the first of CUDA_VISIBLE_DEVICES
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+            self.proc = subprocess.Popen(["nvidia-smi", f"--id={gpu}", "--query-gpu=utilization.gpu",
+                                          "--format=csv,noheader,nounits", f"--loop-ms={ms}"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except FileNotFoundError:
             return
         threading.Thread(target=self._read, daemon=True).start()
