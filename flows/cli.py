@@ -72,7 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(run=_train)
 
     args = parser.parse_args(argv)
+    if args.run in (_ingest, _refilter):
+        _exit_on_sigterm()
     return args.run(args) or 0
+
+
+def _exit_on_sigterm() -> None:
+    """`kill` (SIGTERM) unwinds like Ctrl+C: the dataset writer aborts (nothing half-written stays) and Prefect's
+    atexit stops the embedded server it started. Python's default for SIGTERM ends the process on the spot
+    and would leave that server running, orphaned."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _ingest(args: argparse.Namespace) -> int:

@@ -171,3 +171,49 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path, offline_models, prefec
     shas = [[e["sha256"] for e in json.loads((d / "manifest.json").read_text())["shards"]]
             for d in (out / "ds", tmp_path / "base" / "ds")]
     assert shas[0] == shas[1]
+
+
+def _server_children(pid: int) -> list[int]:
+    """Child processes of `pid` that are Prefect's embedded API server (uvicorn on create_app)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return [k for k in kids if b"prefect.server.api.server:create_app" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_the_run_and_its_embedded_server(tmp_path, offline_models, prefect_home) -> None:
+    """`kill` on an ingest: the run ends with 143, publishes nothing, leaves no staging folder, and the
+    embedded Prefect server it started goes with it (Python's default SIGTERM would orphan that server)."""
+    inputs = tmp_path / "in"
+    make_dialogue(inputs / "a.mp3", lines=DIALOGUE[:4], seed=1)
+    out = tmp_path / "out"
+    proc = cli(["ingest", str(inputs), "--dataset", "ds", "--config", str(small_config(offline_models, tmp_path)),
+                "--out", str(out)], prefect_home)
+    servers: list[int] = []
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        servers = servers or _server_children(proc.pid)
+        if servers and any(f.is_file() for f in (out / ".cache").rglob("*")):  # mid-run: a stage has finished
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and servers, "the run ended (or never started its server) before the signal"
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(s) for s in servers):
+        time.sleep(0.1)
+    orphans = [s for s in servers if _alive(s)]
+    for s in orphans:  # not left behind when the test fails (it also holds the run's stderr pipe open)
+        os.kill(s, signal.SIGKILL)
+    assert rc == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
+    assert not orphans, "the embedded Prefect server outlived its run"
+    assert not (out / "ds" / "manifest.json").exists()
+    assert not list((out / "ds").glob(".staging-*"))
