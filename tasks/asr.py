@@ -61,6 +61,14 @@ class _NoSpeechRecorder:
         return getattr(self._model, name)
 
 
+def resolved_compute_type(cfg: AsrConfig, device: str) -> str:
+    """The CTranslate2 compute type ASR runs at on `device` (what `default` stands for there)."""
+    if cfg.compute_type != "default":
+        return cfg.compute_type
+    # int8 on CPU: 1.5x float32's speed at the same WER (bench/asr_compute.py), as whisperX advises
+    return "float16" if _split_device(device)[0] == "cuda" else "int8"
+
+
 def _split_device(device: str) -> tuple[str, int]:
     kind, _, index = device.partition(":")
     return kind, int(index or 0)
@@ -89,10 +97,7 @@ def load_asr(cfg: AsrConfig, device: str) -> Any:
     from whisperx.asr import WhisperModel
 
     kind, index = _split_device(device)
-    compute_type = cfg.compute_type
-    if compute_type == "default":
-        # int8 on CPU: 1.5x float32's speed at the same WER (bench/asr_compute.py), as whisperX advises
-        compute_type = "float16" if kind == "cuda" else "int8"
+    compute_type = resolved_compute_type(cfg, device)
     threads = cfg.threads or len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
     model = WhisperModel(cfg.model, device=kind, device_index=index, compute_type=compute_type, cpu_threads=threads)
     vad_options = {"vad_onset": cfg.vad_onset, "vad_offset": cfg.vad_offset, "chunk_size": cfg.chunk_size}

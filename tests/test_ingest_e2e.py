@@ -87,6 +87,7 @@ def test_manifest_accounts_and_names_the_weights(ingest_run) -> None:
     assert abs(m["counts"]["hours_in"] * 3600 - expected_in) < 1.0
     assert abs(m["counts"]["hours_kept"] * 3600 - sum(r["duration"] for r in index)) < 1e-6
     assert "real" in m["models"]["asr"]["weights"]
+    assert m["models"]["asr"]["compute_type"] == "int8"  # what `default` resolved to on this CPU
     assert "random" in m["models"]["mimi"]["weights"]
     assert "mimi" in m["untrained_models"] and "asr" not in m["untrained_models"]
     assert m["config"]["windows"]["max_positions"] == 2048
