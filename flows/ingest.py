@@ -20,7 +20,6 @@ from schemas.config import FanoutConfig, IngestConfig, resolve_device
 from schemas.records import Reject, Source, SpeakerSegment, Transcript, Turn, Window
 from tasks import decode as decode_mod
 from tasks import metrics, quality, shards, storage, turns, windows
-from tasks.asr import resolved_compute_type
 from tasks.cache import StageCache
 from tasks.diarize import assign_speakers, overlap_regions
 from tasks.models import Models, describe_models, load_models, untrained
@@ -147,10 +146,8 @@ def process_recording(item: Source, models: Models, rec_id: str | None = None,
     path, source = item.path, item.uri
     result = RecordingResult(recording_id=rec_id or decode_mod.name_slug(path), source=item)
     rid = result.recording_id
-    info = describe_models(cfg)
-    # the compute type `default` resolves to on this device: int8 on CPU and float16 on GPU give other words
-    asr_key = [cfg.decode.asr_sample_rate, cfg.asr.model_dump(), info["asr"],
-               resolved_compute_type(cfg.asr, models.device)]
+    info = describe_models(cfg, models.device)
+    asr_key = [cfg.decode.asr_sample_rate, cfg.asr.model_dump(), info["asr"]]
 
     def retried(t: Any) -> Any:  # model stages may fail transiently (GPU OOM, a flaky mount): retry, then record
         return t.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s)
@@ -312,8 +309,7 @@ def ingest_sources(items: list[Source], cfg: IngestConfig, dataset_dir: str | No
     logger = get_run_logger()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    model_info = describe_models(cfg)
-    model_info["asr"]["compute_type"] = resolved_compute_type(cfg.asr, device)  # what `default` meant here
+    model_info = describe_models(cfg, device)
     dataset_dir = dataset_dir or storage.join(cfg.out, cfg.dataset)
     logger.info("ingest %d files into %s on %s", len(items), dataset_dir, device)
     for name, info in model_info.items():

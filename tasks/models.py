@@ -77,7 +77,9 @@ def provenance(name_or_path: str | None) -> dict[str, Any]:
     return {"name": name_or_path, "weights": "real (hub id)"}
 
 
-def describe_models(cfg: IngestConfig) -> dict[str, dict[str, Any]]:
+def describe_models(cfg: IngestConfig, device: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each model's name and weights' provenance; with the `device` it runs on, also the ASR compute type that
+    `default` stands for there (int8 on CPU and float16 on GPU give other words: the ASR cache keys on it)."""
     models = {
         "asr": provenance(cfg.asr.model),
         "align": provenance(cfg.align.model) if cfg.align.method == "wav2vec2"
@@ -95,6 +97,10 @@ def describe_models(cfg: IngestConfig) -> dict[str, dict[str, Any]]:
 
         models["squim"] = ({"name": "torchaudio.pipelines.SQUIM_OBJECTIVE", "weights": "real (download.pytorch.org)"}
                            if cfg.quality.squim_model == SQUIM_HUB else provenance(cfg.quality.squim_model))
+    if device is not None:
+        from tasks.asr import resolved_compute_type
+
+        models["asr"]["compute_type"] = resolved_compute_type(cfg.asr, device)
     return models
 
 
