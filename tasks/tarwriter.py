@@ -214,28 +214,26 @@ class ShardWriter:
                 return
 
 
-def _libc_sync_file_range() -> Callable[[int], None] | None:
+def _writeback_starter() -> Callable[[int], None]:
     """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file back, without waiting
-    (so the fsync at close finds it mostly on disk). None where libc has no such call."""
+    (so the fsync at close finds it mostly on disk). A no-op where libc has no such call."""
     import ctypes
     import sys
 
+    def nothing(fd: int) -> None:
+        pass
+
     if not sys.platform.startswith("linux"):
-        return None
+        return nothing
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
-        return None
+        return nothing
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return lambda fd: fn(fd, 0, 0, 2)  # a hint: its failure is the fsync's to report
 
 
-_sync_file_range = _libc_sync_file_range()
-
-
-def _start_writeback(fd: int) -> None:
-    if _sync_file_range is not None:
-        _sync_file_range(fd)
+_start_writeback = _writeback_starter()
 
 
 def _sha256_fd(fd: int) -> str:
