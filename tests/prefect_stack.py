@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
+
+from flows.serve import api_call
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -63,15 +64,12 @@ class Stack:
         assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
 
+    # Through api_call, which retries the 503s a busy SQLite server answers, as Prefect's own client does
     def get(self, path: str) -> Any:
-        r = httpx.get(f"{self.api}{path}", timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return api_call("GET", f"{self.api}{path}").json()
 
     def post(self, path: str, body: dict) -> Any:
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return api_call("POST", f"{self.api}{path}", json=body).json()
 
     def run_deployment(self, name: str, **params: Any) -> str:
         """`prefect deployment run NAME --param k=v...`; returns the flow run id."""

@@ -47,8 +47,8 @@ def test_kubernetes_pool_template_renders_a_gpu_job(prefect_stack) -> None:
         assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["model-cache"] == "/models"
         assert cfg.env["HF_HOME"] == "/models/hf" and cfg.env["CSM_CACHE_DIR"].startswith("/scratch")
     finally:
-        # Removed again: while a kubernetes pool exists on this offline test server, the UI's custom-run form
-        # fails to create runs (tests/test_ui.py; seen, cause not traced)
+        # Removed again, so the later tests see only prefect.yaml's pools. (The UI form failures once blamed on
+        # this pool were SQLite "database is locked" 503s under the workers' writes: tests/test_ui.py retries.)
         api_call("DELETE", f"{stack.api}/work_pools/csm-k8s")
 
 
