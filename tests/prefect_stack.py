@@ -149,11 +149,16 @@ def prefect_stack(tmp_path_factory, request) -> Iterator[Stack]:
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(base / "home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
+               # Workers poll every 3 s (default 10): each poll writes to the database, and on SQLite a write that lands
+               # while the server handles a create (read, validate the parameters, insert) makes that insert
+               # fail at once with "database is locked" (a 503). Polling every second made that the common case.
+               PREFECT_WORKER_QUERY_SECONDS="3", PREFECT_WORKER_PREFETCH_SECONDS="5",
                CSM_INGEST_CONFIG=str(base / "ingest.yaml"),
                # SQLite serialises writes; on a loaded 2-core machine a write can wait longer than the default
                # 10 s (workers' heartbeats, task runs of two flows): give the server more patience
-               PREFECT_SERVER_DATABASE_TIMEOUT="60", PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30")
+               PREFECT_SERVER_DATABASE_TIMEOUT="60", PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30",
+               # the server logs the exception behind each 503 (else it answers them silently)
+               PREFECT_API_LOG_RETRYABLE_ERRORS="true")
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *args: str, program: str = PREFECT) -> None:

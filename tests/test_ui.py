@@ -57,7 +57,7 @@ def test_custom_run_from_the_deployment_form(prefect_stack, podcast_run, page) -
         if "/api/" in r.url:
             calls.append(f"{time.strftime('%H:%M:%S')} {status} {took:6.2f}s {r.method} {r.url.split('/api', 1)[1]}")
             if not isinstance(status, int) or status >= 500:
-                bad.append(calls[-1])
+                bad.append(f"{calls[-1]} {r.post_data or ''}")
 
     page.on("requestfinished", lambda r: done(r, r.response().status if r.response() else "no response"))
     page.on("requestfailed", lambda r: done(r, f"failed ({r.failure})"))
@@ -83,9 +83,9 @@ def test_custom_run_from_the_deployment_form(prefect_stack, podcast_run, page) -
     toast = page.locator(".toast-flow-run-create__message--emphasized").first
     # Failure shows as the form's own message or as the UI's generic API error toast.
     failed = page.get_by_text(re.compile("Something went wrong trying to create a flow run|Oops. Something went wrong"))
-    # Under the workers' writes the SQLite server can answer "database is locked" at once (a 503, which Prefect's
-    # Python client retries and the UI shows as a toast: PrefectHQ/prefect#18934, #16102): submit again, as a
-    # user would.
+    # A worker's poll landing while the SQLite server creates the run makes the insert fail at once with "database
+    # is locked" (a 503, which Prefect's Python client retries and the UI shows as a toast: PrefectHQ/prefect#18934,
+    # README): submit again, as a user would.
     for _attempt in range(3):
         failures = failed.count()
         page.get_by_role("button", name="Submit").click()
