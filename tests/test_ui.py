@@ -86,7 +86,7 @@ def test_custom_run_from_the_deployment_form(prefect_stack, podcast_run, page) -
     # A worker's poll landing while the SQLite server creates the run makes the insert fail at once with "database
     # is locked" (a 503, which Prefect's Python client retries and the UI shows as a toast: PrefectHQ/prefect#18934,
     # README): submit again, as a user would.
-    for _attempt in range(3):
+    for _attempt in range(5):
         failures = failed.count()
         page.get_by_role("button", name="Submit").click()
         deadline = time.monotonic() + 90
