@@ -6,11 +6,11 @@ large-v3 on a GPU, whose figures need a lent GPU machine and hub weights.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
 from bench.common import Row, speech_file
+from bench.memory import offline_config
 
 
 def run(minutes: float = 5.0) -> list[Row]:
@@ -18,9 +18,8 @@ def run(minutes: float = 5.0) -> list[Row]:
     from tasks.asr import align, load_aligner, load_asr, transcribe
     from tasks.decode import decode
     from tasks.diarize import diarize, load_diarization_pipeline
-    from tasks.models import build_offline_set
 
-    cfg = IngestConfig.from_yaml(build_offline_set(Path(tempfile.mkdtemp(prefix="csm-bench-models-"))))
+    cfg = IngestConfig.from_yaml(offline_config())
     device = resolve_device(cfg.device)
     audio = decode(speech_file(Path(f"/tmp/csm-bench/dialogue-{minutes:g}min.mp3"), minutes), 16_000)
     seconds = len(audio) / 16_000
